@@ -1,0 +1,35 @@
+"""audio-qformer: text-to-audio retrieval with a frozen BEATs encoder and a BLIP-2 style Q-Former."""
+
+from setuptools import setup
+
+
+setup(
+    name="audio-qformer",
+    version="0.1.0",
+    description="Text-to-audio retrieval with BEATs and a Q-Former (DCASE 2023 task 6B), Hugging Face native",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    # The shipped model files stay top-level modules: they are also copied to the Hub as remote code.
+    py_modules=["configuration_audio_qformer", "modeling_audio_qformer", "processing_audio_qformer"],
+    install_requires=[
+        # Any torch from 2.6 on; install the CPU build first (`pip install torch==2.13.0`) to avoid CUDA wheels.
+        "torch>=2.6",
+        "transformers>=5.24,<6",
+        "huggingface_hub>=1.31,<3",
+        "safetensors>=0.8",
+        "numpy>=1.26",
+        "soundfile>=0.12",  # reads audio files (libsndfile ships inside the wheel); no torchaudio
+    ],
+    extras_require={
+        "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4"],
+        "test": [
+            "accelerate>=1.1",
+            "datasets>=4",
+            "evaluate>=0.4",
+            "pytest>=8",
+            "kaldi-native-fbank>=1.20",  # an independent Kaldi fbank implementation to test against
+        ],
+    },
+)
