@@ -3,11 +3,14 @@
 
 `BeatsConfig` describes the frozen BEATs audio encoder. Its field names are those of the official
 `BEATsConfig` (microsoft/unilm, `beats/BEATs.py`) so that the `cfg` dict stored inside an official
-checkpoint becomes a config with `BeatsConfig(**checkpoint["cfg"])`.
+checkpoint becomes a config with `BeatsConfig(**checkpoint["cfg"])`. `AudioQFormerConfig` composes it with the
+Q-Former's `Blip2QFormerConfig` (transformers' BLIP-2 Q-Former, reused as is), the way `Blip2Config` composes the
+vision and Q-Former configs.
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import Blip2QFormerConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
 
@@ -157,4 +160,106 @@ class BeatsConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["BeatsConfig"]
+# bert-base-uncased has 30522 tokens; the Q-Former adds `[DEC]`, which starts a generated caption (LAVIS
+# `Blip2Base.init_tokenizer`), as token 30522.
+BERT_BASE_VOCAB_SIZE_WITH_DEC = 30523
+
+
+@strict
+class AudioQFormerConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`AudioQFormerModel`]: a frozen BEATs audio encoder, a BLIP-2 Q-Former whose learnt query tokens
+    read the audio tokens through cross-attention, projections into a shared audio-text embedding space, an
+    audio-text matching head and a caption (language-modelling) head.
+
+    `AudioQFormerConfig()` with no arguments is the paper's architecture: BEATs iter3+ (768 wide) and a bert-base
+    sized Q-Former (12 layers, 768 wide, cross-attention every other layer, 32 queries, vocabulary 30523 with
+    `[DEC]`). `AudioQFormerModel.from_components` builds a config whose Q-Former takes the size of a given BERT
+    checkpoint (e.g. the offline default, MiniLM-L6: 6 layers, 384 wide).
+
+    Args:
+        audio_config (`dict` or [`BeatsConfig`], *optional*):
+            The BEATs encoder. Defaults to BEATs iter3+ AS2M.
+        qformer_config (`dict` or [`Blip2QFormerConfig`], *optional*):
+            The Q-Former. Defaults to bert-base sizes with a 30523-token vocabulary. Its `encoder_hidden_size` is set
+            from the audio encoder's width and `use_qformer_text_input` to `True` (text runs through the Q-Former).
+        num_query_tokens (`int`, *optional*, defaults to 32):
+            Learnt query tokens; each audio clip is summarised as this many embeddings.
+        embed_dim (`int`, *optional*, defaults to 256):
+            Width of the shared audio-text embedding space (LAVIS' `embed_dim`, CLAP's `projection_dim`).
+        temperature_init (`float`, *optional*, defaults to 0.07):
+            Initial value of the learnt contrastive temperature, which divides the cosine similarities.
+        label_smoothing (`float`, *optional*, defaults to 0.1):
+            Label smoothing of the contrastive and caption losses (LAVIS' value).
+        train_max_text_length (`int`, *optional*, defaults to 32):
+            Token length captions are padded or truncated to in training.
+        eval_max_text_length (`int`, *optional*, defaults to 35):
+            Token length queries are truncated to at retrieval time.
+        rerank_top_k (`int`, *optional*, defaults to 16):
+            How many of the best contrastive candidates the matching head re-ranks at retrieval time.
+        decoder_bos_token_id (`int`, *optional*, defaults to 30522):
+            Id of `[DEC]`, which replaces `[CLS]` as the first token when the Q-Former generates a caption.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the query tokens and new layers.
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            Tie the caption head's output weights to the Q-Former's word embeddings (as BERT does).
+
+    Example:
+
+    ```python
+    >>> from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
+    >>> from modeling_audio_qformer import AudioQFormerModel
+
+    >>> # The paper's architecture (random weights; see `AudioQFormerModel.from_components` for real ones)
+    >>> configuration = AudioQFormerConfig()
+
+    >>> # A small one: sub-configs are dicts or config objects
+    >>> configuration = AudioQFormerConfig(
+    ...     audio_config=BeatsConfig(encoder_layers=2),
+    ...     qformer_config={"hidden_size": 384, "num_hidden_layers": 4, "num_attention_heads": 6, "intermediate_size": 1536},
+    ... )
+    >>> model = AudioQFormerModel(configuration)
+    ```"""
+
+    model_type = "audio_qformer"
+    sub_configs_defaults = {
+        "audio_config": BeatsConfig,
+        "qformer_config": SubConfigSpec(Blip2QFormerConfig, init_kwargs={"vocab_size": BERT_BASE_VOCAB_SIZE_WITH_DEC}),
+    }
+
+    audio_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    num_query_tokens: int = 32
+    embed_dim: int = 256
+    temperature_init: float = 0.07
+    label_smoothing: float = 0.1
+    train_max_text_length: int = 32
+    eval_max_text_length: int = 35
+    rerank_top_k: int = 16
+    decoder_bos_token_id: int = BERT_BASE_VOCAB_SIZE_WITH_DEC - 1
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        # Compared by model type, not class: Hub remote code may hold two copies of this module.
+        for name, expected in (("audio_config", BeatsConfig), ("qformer_config", Blip2QFormerConfig)):
+            found = getattr(self, name)
+            if getattr(found, "model_type", None) != expected.model_type:
+                raise TypeError(f"{name} must be a {expected.__name__} or a dict, got {type(found).__name__}.")
+        # The Q-Former's cross-attention reads BEATs tokens, and text runs through its text feed-forward path.
+        self.qformer_config.encoder_hidden_size = self.audio_config.hidden_size
+        self.qformer_config.use_qformer_text_input = True
+        if self.decoder_bos_token_id >= self.qformer_config.vocab_size:
+            raise ValueError(
+                f"decoder_bos_token_id ({self.decoder_bos_token_id}) is outside the Q-Former vocabulary "
+                f"({self.qformer_config.vocab_size} tokens): add [DEC] to the tokenizer and size the vocabulary to it."
+            )
+        self.hidden_size = self.qformer_config.hidden_size
+
+
+AudioQFormerConfig.register_for_auto_class()
+BeatsConfig.register_for_auto_class()
+
+
+__all__ = ["AudioQFormerConfig", "BeatsConfig"]

