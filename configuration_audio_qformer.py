@@ -241,6 +241,8 @@ class AudioQFormerConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.qformer_config, dict):  # a partial dict keeps the vocabulary with [DEC] unless it says otherwise
+            self.qformer_config = {"vocab_size": BERT_BASE_VOCAB_SIZE_WITH_DEC, **self.qformer_config}
         super().__post_init__(**kwargs)
         # Compared by model type, not class: Hub remote code may hold two copies of this module.
         for name, expected in (("audio_config", BeatsConfig), ("qformer_config", Blip2QFormerConfig)):

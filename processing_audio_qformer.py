@@ -310,12 +310,16 @@ class AudioQFormerProcessor(ProcessorMixin):
     The tokenizer gets the `[DEC]` token (as `bos_token`) when it lacks it, so any BERT tokenizer works; the model's
     vocabulary must then include it (`AudioQFormerModel.from_components` sizes it so).
 
+    Options shared by both sides (`padding`, `max_length`, `truncation`) reach the feature extractor too, where
+    lengths count frames; with audio in the same call, give text options as `text_kwargs={"max_length": 32, ...}`.
+
     Args:
         feature_extractor ([`BeatsFeatureExtractor`]): the audio side.
         tokenizer ([`BertTokenizer`] or any BERT-vocabulary tokenizer): the text side.
     """
 
-    # Texts are truncated to the model's evaluation length (35) by default; training passes `max_length=32`.
+    # Texts are truncated to the model's evaluation length (35) unless the tokenizer brings its own `max_length`
+    # (transformers gives tokenizer settings priority); training and evaluation pass the config's lengths explicitly.
     # BERT's token type ids are of no use to the Q-Former.
     text_kwargs = {"padding": "longest", "truncation": True, "max_length": 35, "return_token_type_ids": False}
 

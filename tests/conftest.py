@@ -26,19 +26,65 @@ def make_waveform(seconds: float, seed: int = 0, kind: str = "mix") -> np.ndarra
     return wave.astype(np.float32)
 
 
+TINY_BEATS = dict(
+    embed_dim=24,
+    encoder_layers=2,
+    encoder_embed_dim=32,
+    encoder_ffn_embed_dim=64,
+    encoder_attention_heads=4,
+    conv_pos=16,
+    conv_pos_groups=4,
+    num_buckets=64,
+    max_distance=120,
+    encoder_layerdrop=0.0,
+)
+TINY_QFORMER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
 @pytest.fixture
 def tiny_beats_config():
     from configuration_audio_qformer import BeatsConfig
 
-    return BeatsConfig(
-        embed_dim=24,
-        encoder_layers=2,
-        encoder_embed_dim=32,
-        encoder_ffn_embed_dim=64,
-        encoder_attention_heads=4,
-        conv_pos=16,
-        conv_pos_groups=4,
-        num_buckets=64,
-        max_distance=120,
-        encoder_layerdrop=0.0,
+    return BeatsConfig(**TINY_BEATS)
+
+
+def tiny_qformer_config(**overrides):
+    from configuration_audio_qformer import AudioQFormerConfig
+
+    return AudioQFormerConfig(
+        audio_config=TINY_BEATS, qformer_config=TINY_QFORMER, num_query_tokens=4, embed_dim=16, **overrides
     )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from modeling_audio_qformer import default_bert_checkpoint
+    from processing_audio_qformer import add_decoder_token
+
+    return add_decoder_token(AutoTokenizer.from_pretrained(default_bert_checkpoint()))
+
+
+@pytest.fixture
+def processor(tokenizer):
+    from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
+
+    return AudioQFormerProcessor(feature_extractor=BeatsFeatureExtractor(), tokenizer=tokenizer)
+
+
+@pytest.fixture
+def tiny_model():
+    import torch
+
+    from modeling_audio_qformer import AudioQFormerModel
+
+    torch.manual_seed(0)
+    return AudioQFormerModel(tiny_qformer_config()).eval()
