@@ -45,8 +45,8 @@ PRESETS = {
                    per_device_train_batch_size=16, total_batch_size=256, eval_steps=200, checkpointing_steps=200),
     "stage2": dict(num_query_tokens=32, max_text_length=32, learning_rate=1e-5, num_warmup_steps=100, cosine_period_steps=1800, max_train_steps=1900,
                    per_device_train_batch_size=16, total_batch_size=256, eval_steps=100, checkpointing_steps=100),
-    "demo": dict(num_query_tokens=16, max_text_length=24, num_qformer_layers=4, learning_rate=2e-4,
-                 num_warmup_steps=20, cosine_period_steps=280, max_train_steps=300, per_device_train_batch_size=16,
+    "demo": dict(num_query_tokens=16, max_text_length=24, num_qformer_layers=2, learning_rate=1e-3,
+                 num_warmup_steps=20, cosine_period_steps=230, max_train_steps=250, per_device_train_batch_size=16,
                  total_batch_size=16, eval_steps=50, checkpointing_steps=50),
 }  # fmt: skip
 # A small frozen BEATs (random weights) for the embedded default, when no checkpoint is given.
@@ -298,7 +298,9 @@ def latest_checkpoint(output_dir: str) -> str | None:
 def main(argv=None):
     args = parse_args(argv)
     # The accumulation that reaches --total_batch_size depends on the number of processes, known before Accelerator.
-    num_processes = PartialState().num_processes
+    # Without a GPU, several launched processes train on the CPU (gloo) only when Accelerate is told so.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    num_processes = PartialState(cpu=cpu).num_processes
     per_step = args.per_device_train_batch_size * num_processes
     if args.gradient_accumulation_steps is None:
         if args.total_batch_size % per_step:
@@ -310,6 +312,7 @@ def main(argv=None):
     args.total_batch_size = per_step * args.gradient_accumulation_steps
     tracking = dict(log_with=args.report_to, project_dir=args.output_dir) if args.with_tracking else {}
     accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **tracking,
@@ -358,8 +361,11 @@ def main(argv=None):
 
     train_dataset = CachedPairs(train_rows, cache, args.max_audio_tokens, args.seed)
     collate = make_collate(tokenizer, args.max_text_length, args.max_audio_tokens if accelerator.num_processes > 1 else None)
+    # Its own generator: starting an iterator then draws nothing from the global RNG, which drives dropout and is
+    # restored on resume (so a resumed run's dropout masks continue exactly).
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate, drop_last=True
+        train_dataset, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
     )
 
     # Optimizer: Adam on the trainable parameters; no decay on biases, LayerNorms, queries and temperature.
@@ -384,7 +390,8 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     batch_gatherer = make_batch_gatherer(accelerator)
 
-    steps_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+    # Accelerate also steps at the end of an epoch, after a partial accumulation.
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     if args.with_tracking:
         accelerator.init_trackers("audio_qformer", {k: v for k, v in vars(args).items() if not isinstance(v, list)})
@@ -467,8 +474,14 @@ def main(argv=None):
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
             if completed_steps % args.checkpointing_steps == 0:
-                accelerator.save_state(os.path.join(args.output_dir, f"step_{completed_steps}"))
+                # Written aside, then renamed: a run killed while saving never leaves a step_N that looks complete.
+                partial = os.path.join(args.output_dir, f".step_{completed_steps}.partial")
+                accelerator.save_state(partial)
+                accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
+                    final = os.path.join(args.output_dir, f"step_{completed_steps}")
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.replace(partial, final)
                     steps = sorted(int(n[5:]) for n in os.listdir(args.output_dir) if n.startswith("step_") and n[5:].isdigit())
                     for old in steps[: -args.checkpoints_total_limit]:
                         shutil.rmtree(os.path.join(args.output_dir, f"step_{old}"), ignore_errors=True)
