@@ -125,8 +125,6 @@ class FeatureCache:
             self._arrays[shard] = np.memmap(data_path, dtype=np.float16, mode="r", shape=(tokens, self.hidden_size))
         return self._arrays[shard][offset : offset + length]
 
-    def num_bytes(self) -> int:
-        return sum(length for _, _, length in self._entries.values()) * self.hidden_size * 2
 
     # --- writing -----------------------------------------------------------------------------------------------------
 

@@ -810,11 +810,14 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             )
         return audio_hidden_states, audio_attention_mask
 
-    def _query_pass(self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None):
+    def _query_pass(
+        self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None, causal_text=True
+    ):
         """
         The Q-Former on the query tokens (reading the audio through cross-attention), optionally followed by a
-        caption that attends to the queries and causally to itself (the ATG mask). Queries never see the caption,
-        so the query outputs are the same with or without one. Returns the full sequence output.
+        text. With `causal_text` (the ATG mask) the text attends to the queries and causally to itself and the queries
+        never see it, so their outputs are the same with or without a text; otherwise (the matching mask) queries and
+        text see each other. Returns the full sequence output.
         """
         batch_size = audio_hidden_states.shape[0]
         queries = self.query_tokens.expand(batch_size, -1, -1)
@@ -836,7 +839,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 attention_mask=full_mask,
                 and_mask_function=queries_then_causal_text,
                 allow_is_bidirectional_skip=False,
-            )
+            ) if causal_text else full_mask  # fmt: skip
         return self.qformer(
             query_embeds=embeddings,
             query_length=num_queries,
@@ -882,9 +885,11 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
         )
         query_output = self._query_pass(audio_hidden_states, audio_attention_mask)
-        audio_embeds = F.normalize(self.audio_projection(query_output), dim=-1)
+        return self._audio_output(query_output, audio_hidden_states, audio_attention_mask)
+
+    def _audio_output(self, query_output, audio_hidden_states, audio_attention_mask) -> AudioQFormerAudioOutput:
         return AudioQFormerAudioOutput(
-            audio_embeds=audio_embeds,
+            audio_embeds=F.normalize(self.audio_projection(query_output), dim=-1),
             query_output=query_output,
             audio_hidden_states=audio_hidden_states,
             audio_attention_mask=audio_attention_mask,
@@ -934,24 +939,14 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         audio_hidden_states, audio_attention_mask = self._audio_inputs(
             input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
         )
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        batch_size = input_ids.shape[0]
-        if audio_hidden_states.shape[0] != batch_size:
+        if audio_hidden_states.shape[0] != input_ids.shape[0]:
             raise ValueError(
-                f"Audio-text matching scores pairs: got {audio_hidden_states.shape[0]} clips and {batch_size} texts."
+                f"Audio-text matching scores pairs: got {audio_hidden_states.shape[0]} clips and {input_ids.shape[0]} texts."
             )
-        queries = self.query_tokens.expand(batch_size, -1, -1)
-        num_queries = queries.shape[1]
-        sequence_output = self.qformer(
-            query_embeds=self.embeddings(input_ids=input_ids, query_embeds=queries),
-            query_length=num_queries,
-            attention_mask=torch.cat([attention_mask.new_ones(batch_size, num_queries), attention_mask], dim=1),
-            encoder_hidden_states=self.audio_layernorm(audio_hidden_states),
-            encoder_attention_mask=self._cross_attention_mask(queries, audio_hidden_states, audio_attention_mask),
-            return_dict=True,
-        ).last_hidden_state
-        return self.itm_head(sequence_output[:, :num_queries, :]).mean(dim=1)
+        sequence_output = self._query_pass(
+            audio_hidden_states, audio_attention_mask, input_ids, attention_mask, causal_text=False
+        )
+        return self.itm_head(sequence_output[:, : self.config.num_query_tokens, :]).mean(dim=1)
 
     # --- everything at once ------------------------------------------------------------------------------------------
 
@@ -1015,14 +1010,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         # With a caption, one pass gives both the audio queries (which never see the text) and the caption logits.
         sequence_output = self._query_pass(audio_hidden_states, audio_attention_mask, decoder_input_ids, attention_mask)
         num_queries = self.config.num_query_tokens
-        query_output = sequence_output[:, :num_queries, :]
-        audio_embeds = F.normalize(self.audio_projection(query_output), dim=-1)
-        audio_output = AudioQFormerAudioOutput(
-            audio_embeds=audio_embeds,
-            query_output=query_output,
-            audio_hidden_states=audio_hidden_states,
-            audio_attention_mask=audio_attention_mask,
-        )
+        audio_output = self._audio_output(sequence_output[:, :num_queries, :], audio_hidden_states, audio_attention_mask)
+        audio_embeds = audio_output.audio_embeds
 
         logits_per_audio = max_over_queries(audio_embeds, text_embeds) / self.temperature
         itm_logits = None

@@ -350,13 +350,15 @@ def main(argv=None):
     )
     if failures:
         accelerator.print(f"{len(failures)} clip(s) could not be read and are left out: {[f['audio'] for f in failures[:5]]}")
-    usable = set(cache_key for cache_key in {c["key"] for c in clips} if cache_key in cache)
+    usable = {clip["key"] for clip in clips if clip["key"] in cache}
     train_rows = train_rows.filter(lambda row: row["key"] in usable, desc="Dropping unreadable clips")
     evaluation = {n: r.filter(lambda row: row["key"] in usable, desc=f"Dropping unreadable clips ({n})") for n, r in evaluation.items()}
-    hours = sum(cache.get(k).shape[0] for k in usable) * 0.02 / 3600  # 8 tokens per 160 ms
+    # The size of this run's clips (the cache may also hold other runs'): 8 tokens per 160 ms, float16.
+    tokens = sum(cache.get(key).shape[0] for key in usable)
+    cache_mib, hours = tokens * cache.hidden_size * 2 / 2**20, tokens * 0.02 / 3600
     accelerator.print(
-        f"Feature cache {cache.directory}: {len(usable)} clips, {cache.num_bytes() / 2**20:.1f} MiB "
-        f"({cache.num_bytes() / 2**20 / max(hours, 1e-9):.0f} MiB per hour of audio), ready in {seconds:.1f} s"
+        f"Feature cache {cache.directory}: {len(usable)} clips, {cache_mib:.1f} MiB "
+        f"({cache_mib / max(hours, 1e-9):.0f} MiB per hour of audio), ready in {seconds:.1f} s"
     )
 
     train_dataset = CachedPairs(train_rows, cache, args.max_audio_tokens, args.seed)
@@ -501,7 +503,7 @@ def main(argv=None):
         chance = {name: chance_metrics(m["clips"]) for name, m in (best or {}).get("all", {}).items()}
         results = {"best_step": best and best["step"], "best": best and best["all"], "chance": chance,
                    "train_seconds": time.perf_counter() - started, "steps": completed_steps,
-                   "skipped_clips": len(skipped) + len(failures), "feature_cache_mib": cache.num_bytes() / 2**20}  # fmt: skip
+                   "skipped_clips": len(skipped) + len(failures), "feature_cache_mib": cache_mib}  # fmt: skip
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         model_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
