@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from audio_text_data import AudioLoadError, load_audio
+from audio_text_data import AudioLoadError, clean_caption, load_audio
 
 
 logger = logging.get_logger(__name__)
@@ -58,6 +58,8 @@ class FeatureCache:
         self.directory = os.path.join(root, fingerprint)
         self.hidden_size = hidden_size
         self._entries: dict[str, tuple[int, int, int]] = {}  # key -> (shard, offset in tokens, tokens)
+        self._metadata: dict[str, dict] = {}  # key -> extra fields stored with the entry by `append`
+        self._append_offsets: dict[int, int] = {}  # shard -> rows written, once `append` has opened it
         self._failures: dict[str, str] = {}
         self._arrays: dict[int, np.memmap] = {}
         os.makedirs(self.directory, exist_ok=True)
@@ -90,13 +92,18 @@ class FeatureCache:
     def reload(self):
         """Re-read every shard's index (after other processes have written)."""
         self._entries.clear()
+        self._metadata.clear()
         self._arrays.clear()
         self._failures.clear()
         for name in sorted(os.listdir(self.directory)):
             if name.startswith("shard-") and name.endswith(".jsonl"):
                 shard = int(name[len("shard-") : -len(".jsonl")])
                 for entry in self._read_index(shard)[0]:
-                    self._entries.setdefault(entry["key"], (shard, entry["offset"], entry["length"]))
+                    if entry["key"] not in self._entries:
+                        self._entries[entry["key"]] = (shard, entry["offset"], entry["length"])
+                        extra = {k: v for k, v in entry.items() if k not in ("key", "offset", "length")}
+                        if extra:
+                            self._metadata[entry["key"]] = extra
             elif name.startswith("failures-") and name.endswith(".jsonl"):
                 with open(os.path.join(self.directory, name)) as handle:
                     for line in handle:
@@ -126,7 +133,66 @@ class FeatureCache:
         return self._arrays[shard][offset : offset + length]
 
 
+    def metadata(self, key: str) -> dict:
+        """The extra fields stored with the entry (see `append`); empty if none."""
+        return self._metadata.get(key, {})
+
+    def keys(self) -> list[str]:
+        """Every stored key, in storage order."""
+        return list(self._entries)
+
+    def shard_array(self, shard: int = 0) -> np.ndarray:
+        """A shard's rows as one read-only memory-mapped `(rows, hidden_size)` float16 array."""
+        data_path = self._shard_paths(shard)[0]
+        rows = self._read_index(shard)[1] // (2 * self.hidden_size)
+        if rows == 0:
+            return np.zeros((0, self.hidden_size), dtype=np.float16)
+        return np.memmap(data_path, dtype=np.float16, mode="r", shape=(rows, self.hidden_size))
+
+    def location(self, key: str) -> tuple[int, int, int]:
+        """(shard, first row, rows) of a stored key."""
+        return self._entries[key]
+
     # --- writing -----------------------------------------------------------------------------------------------------
+
+    def append(self, items: list[tuple[str, np.ndarray, dict]], shard: int = 0):
+        """
+        Store arrays `(rows, hidden_size)` under their keys, with extra JSON fields kept in the entry (`metadata`).
+        Durable like `extract`: the rows are on disk (fsync) before their index lines, and the first call cuts off what
+        a killed writer left half-written. Keys already stored are skipped. One writer per shard.
+        """
+        data_path, index_path = self._shard_paths(shard)
+        if shard not in self._append_offsets:
+            entries, end = self._read_index(shard)
+            with open(data_path, "ab") as handle:
+                handle.truncate(end)
+            with open(index_path, "w") as handle:
+                handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+            self._append_offsets[shard] = end // (2 * self.hidden_size)
+        offset, lines = self._append_offsets[shard], []
+        with open(data_path, "ab") as data:
+            for key, array, extra in items:
+                if key in self._entries:
+                    continue
+                array = np.ascontiguousarray(array, dtype=np.float16)
+                if array.ndim != 2 or array.shape[1] != self.hidden_size:
+                    raise ValueError(f"Expected an array (rows, {self.hidden_size}); got {array.shape} for {key}.")
+                data.write(array.tobytes())
+                lines.append({**extra, "key": key, "offset": offset, "length": array.shape[0]})
+                offset += array.shape[0]
+            data.flush()
+            os.fsync(data.fileno())
+        with open(index_path, "a") as index:
+            index.writelines(json.dumps(line) + "\n" for line in lines)
+            index.flush()
+            os.fsync(index.fileno())
+        self._append_offsets[shard] = offset
+        for line in lines:
+            self._entries[line["key"]] = (shard, line["offset"], line["length"])
+            extra = {k: v for k, v in line.items() if k not in ("key", "offset", "length")}
+            if extra:
+                self._metadata[line["key"]] = extra
+        self._arrays.pop(shard, None)  # the memory map was sized before these rows
 
     @torch.no_grad()
     def extract(
@@ -145,18 +211,23 @@ class FeatureCache:
 
         With several processes, each takes every `num_processes`-th missing clip and writes its own shard; call
         `reload()` once all are done. Clips longer than `max_seconds` are cut there (BEATs' attention is quadratic in
-        length; training crops to ~10 s anyway) and reported. Unreadable clips are skipped, recorded, and returned as
+        length; training crops to ~10 s anyway) and reported; no more than `max_seconds` + 1 s is decoded. Unreadable
+        clips (and clips whose tokens would not be finite) are skipped, recorded, and returned as
         `{"key", "audio", "reason"}`; a failure is retried on the next run.
         """
         todo = [clip for clip in clips if clip["key"] not in self._entries]
         todo = list({clip["key"]: clip for clip in todo}.values())[process_index::num_processes]
         data_path, index_path = self._shard_paths(process_index)
         entries, end = self._read_index(process_index)
-        # Cut off what a killed run left half-written, then append.
+        # Cut off what a killed run left half-written, then append. The index is replaced, not rewritten in place, so
+        # a run killed here too keeps every complete entry.
         with open(data_path, "ab") as handle:
             handle.truncate(end)
-        with open(index_path, "w") as handle:
+        with open(index_path + ".tmp", "w") as handle:
             handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(index_path + ".tmp", index_path)
         offset = end // (2 * self.hidden_size)
 
         failures, truncated = [], []
@@ -170,7 +241,10 @@ class FeatureCache:
                 batch, waveforms = [], []
                 for clip in todo[start : start + batch_size]:
                     try:
-                        waveform = load_audio(clip.get("audio_path") or None, clip.get("audio_bytes"))
+                        # A second more than is kept is read, so a longer clip is seen as longer (and reported).
+                        waveform = load_audio(
+                            clip.get("audio_path") or None, clip.get("audio_bytes"), max_seconds=max_seconds + 1
+                        )
                     except AudioLoadError as error:
                         failure = {"key": clip["key"], "audio": clip.get("audio_path") or "<bytes>", "reason": str(error)}
                         failures.append(failure)
@@ -188,6 +262,12 @@ class FeatureCache:
                     lengths = outputs.attention_mask.sum(-1).tolist()
                     lines = []
                     for clip, states, length in zip(batch, hidden, lengths):
+                        if not np.isfinite(states[:length]).all():  # float16 overflow or a broken model: not stored
+                            audio = clip.get("audio_path") or "<bytes>"
+                            failure = {"key": clip["key"], "audio": audio, "reason": f"{audio}: non-finite tokens"}
+                            failures.append(failure)
+                            failure_log.write(json.dumps(failure) + "\n")
+                            continue
                         data.write(np.ascontiguousarray(states[:length]).tobytes())
                         lines.append(json.dumps({"key": clip["key"], "offset": offset, "length": length}) + "\n")
                         offset += length
@@ -234,6 +314,14 @@ def build_cache(
 
 
 
+def with_cache_keys(dataset):
+    """A loaded dataset with each clip's cache `key` (see `clip_key`) and its caption cleaned (`clean_caption`)."""
+    return dataset.map(
+        lambda row: {"key": clip_key(row["audio_path"] or None, row["audio_bytes"]), "caption": clean_caption(row["caption"])},
+        desc="Keying clips",
+    )
+
+
 def crop_tokens(tokens: np.ndarray, max_tokens: int, tokens_per_patch: int, rng: np.random.Generator) -> np.ndarray:
     """
     A random window of at most `max_tokens` tokens that starts and ends on whole time patches (`tokens_per_patch`
@@ -247,4 +335,4 @@ def crop_tokens(tokens: np.ndarray, max_tokens: int, tokens_per_patch: int, rng:
     start = int(rng.integers(0, num_patches - window + 1)) * tokens_per_patch
     return tokens[start : start + max_tokens]
 
-__all__ = ["FeatureCache", "build_cache", "clip_key", "crop_tokens", "model_fingerprint"]
+__all__ = ["FeatureCache", "build_cache", "clip_key", "crop_tokens", "model_fingerprint", "with_cache_keys"]

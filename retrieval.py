@@ -27,10 +27,7 @@ def retrieval_metrics(similarity: torch.Tensor, targets: torch.Tensor, recall_at
     one relevant item; R@k is the share of queries whose item ranks in the top k; AP@k of a query is `1 / rank` when
     the item is in the top k, else 0; mAP@k is their mean. Values are fractions in [0, 1].
     """
-    ranks = target_ranks(similarity, targets).float()
-    metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in recall_at}
-    metrics[f"mAP@{map_at}"] = torch.where(ranks <= map_at, 1.0 / ranks, torch.zeros_like(ranks)).mean().item()
-    return metrics
+    return metrics_from_ranks(target_ranks(similarity, targets), recall_at, map_at)
 
 
 def chance_metrics(num_items: int, recall_at=(1, 5, 10), map_at: int = 10) -> dict:
@@ -62,19 +59,152 @@ def embed_texts(model, tokenizer, captions: list[str], batch_size: int = 256, ma
     return torch.cat(outputs)
 
 
+def pad_tokens(arrays: list[np.ndarray], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BEATs token arrays `(tokens_i, hidden)` as one zero-padded float32 batch `(n, length, hidden)` and its mask."""
+    length = length or max(a.shape[0] for a in arrays)
+    states = torch.zeros(len(arrays), length, arrays[0].shape[1])
+    mask = torch.zeros(len(arrays), length, dtype=torch.long)
+    for i, array in enumerate(arrays):
+        states[i, : array.shape[0]] = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        mask[i, : array.shape[0]] = 1
+    return states, mask
+
+
 @torch.no_grad()
 def embed_cached_audio(model, arrays: list[np.ndarray], batch_size: int = 32):
     """Normalised audio embeddings `(clips, queries, embed_dim)` from BEATs tokens (e.g. a feature cache's arrays)."""
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(arrays), batch_size):
-        chunk = arrays[start : start + batch_size]
-        longest = max(a.shape[0] for a in chunk)
-        states = torch.zeros(len(chunk), longest, chunk[0].shape[1])
-        mask = torch.zeros(len(chunk), longest, dtype=torch.long)
-        for i, array in enumerate(chunk):
-            states[i, : array.shape[0]] = torch.from_numpy(np.asarray(array, dtype=np.float32))
-            mask[i, : array.shape[0]] = 1
+        states, mask = pad_tokens(arrays[start : start + batch_size])
         audio = model.get_audio_features(audio_hidden_states=states.to(device), audio_attention_mask=mask.to(device))
         outputs.append(audio.audio_embeds.float().cpu())
     return torch.cat(outputs)
+
+
+def rank_items(similarity: torch.Tensor, top: int | None = None) -> torch.Tensor:
+    """
+    Item indices of each query, best first `(queries, top)`; among equal scores the lower index comes first (the
+    tie-break of `target_ranks`).
+    """
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices
+    return order[:, :top] if top is not None else order
+
+
+def ranks_in(rankings: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based position of each query's target in its ranking; `rankings.shape[1] + 1` when it is not listed."""
+    found = rankings == targets[:, None]
+    positions = found.float().argmax(dim=1) + 1
+    return torch.where(found.any(dim=1), positions, torch.full_like(positions, rankings.shape[1] + 1))
+
+
+def metrics_from_ranks(ranks: torch.Tensor, recall_at=(1, 5, 10), map_at: int = 10) -> dict:
+    """R@k and mAP@k (fractions) from 1-based ranks of each query's one relevant item (see `retrieval_metrics`)."""
+    ranks = ranks.float()
+    metrics = {f"R@{k}": (ranks <= k).float().mean().item() for k in recall_at}
+    metrics[f"mAP@{map_at}"] = torch.where(ranks <= map_at, 1.0 / ranks, torch.zeros_like(ranks)).mean().item()
+    return metrics
+
+
+@torch.no_grad()
+def rerank_with_matching_head(
+    model,
+    candidates: torch.Tensor,
+    cosines: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    audio_tokens,
+    batch_size: int = 64,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Re-order each query's candidates by the audio-text matching head, as the report (and LAVIS' BLIP-2 retrieval
+    evaluation) does: score = match logit (averaged over the query tokens) + the contrastive cosine.
+
+    `candidates` `(queries, k)` are item ids (a query's top k, best first), `cosines` their contrastive scores,
+    `input_ids`/`attention_mask` `(queries, length)` the tokenised queries, and `audio_tokens(ids)` returns the BEATs
+    tokens of those items as a list of arrays. All (query, candidate) pairs are scored in batches of `batch_size`
+    pairs. Returns the candidates in their new order and their scores; ties keep the contrastive order.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    pairs = [(q, int(item)) for q in range(candidates.shape[0]) for item in candidates[q]]
+    match_logits = torch.empty(len(pairs))
+    for start in tqdm(range(0, len(pairs), batch_size), desc="Re-ranking", unit="batch", disable=not show_progress):
+        chunk = pairs[start : start + batch_size]
+        queries = torch.tensor([q for q, _ in chunk])
+        states, mask = pad_tokens(audio_tokens([item for _, item in chunk]))
+        logits = model.get_audio_text_matching_logits(
+            input_ids=input_ids[queries].to(device), attention_mask=attention_mask[queries].to(device),
+            audio_hidden_states=states.to(device), audio_attention_mask=mask.to(device),
+        )  # fmt: skip
+        match_logits[start : start + len(chunk)] = logits[:, 1].float().cpu()
+    scores = match_logits.view(candidates.shape) + cosines.float()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return candidates.gather(1, order), scores.gather(1, order)
+
+
+def rerank_rankings(model, rankings, similarity, input_ids, attention_mask, audio_tokens, top_k: int = 16, **kwargs):
+    """
+    Full rankings `(queries, n)` with each query's first `top_k` items re-ordered by `rerank_with_matching_head`;
+    the items after them keep their order, so re-ranking only moves items within the top k.
+    """
+    top_k = min(top_k, rankings.shape[1])
+    candidates = rankings[:, :top_k]
+    reordered, _ = rerank_with_matching_head(
+        model, candidates, similarity.gather(1, candidates), input_ids, attention_mask, audio_tokens, **kwargs
+    )
+    reranked = rankings.clone()
+    reranked[:, :top_k] = reordered
+    return reranked
+
+
+@torch.no_grad()
+def evaluate_text_to_audio(
+    model, tokenizer, captions: list[str], audio_ids: list[str], audio_tokens, batch_size: int = 32,
+    rerank_top_k: int = 0, show_progress: bool = False,
+) -> tuple[dict, dict]:  # fmt: skip
+    """
+    Text-to-audio retrieval over a set of captioned clips, every caption a query and its clip the one relevant item:
+    the metrics of the contrastive ranking (`"ATC"`) and, with `rerank_top_k`, of the ranking whose top k the matching
+    head re-ordered. `audio_tokens(audio_id)` returns a clip's BEATs tokens (e.g. from a feature cache).
+
+    Returns `(metrics, rankings)`: `{system: {"mAP@10", "R@1", "R@5", "R@10"}}` (fractions) and, per system, the ranked
+    clip ids of every query (top 16).
+    """
+    from modeling_audio_qformer import max_over_queries
+
+    clips, targets = group_by_clip(audio_ids)
+    arrays = [audio_tokens(clip) for clip in clips]
+    audio_embeds = embed_cached_audio(model, arrays, batch_size)
+    text_embeds = embed_texts(model, tokenizer, captions, max(batch_size, 64))
+    similarity = max_over_queries(audio_embeds, text_embeds).t()  # (captions, clips)
+    systems = {"ATC": rank_items(similarity)}
+    if rerank_top_k:
+        tokens = tokenizer(captions, padding="longest", truncation=True, max_length=model.config.eval_max_text_length,
+                           return_tensors="pt", return_token_type_ids=False)  # fmt: skip
+        systems[f"ATC + re-rank top {rerank_top_k}"] = rerank_rankings(
+            model, systems["ATC"], similarity, tokens["input_ids"], tokens["attention_mask"],
+            lambda ids: [arrays[i] for i in ids], top_k=rerank_top_k, batch_size=batch_size, show_progress=show_progress,
+        )  # fmt: skip
+    metrics = {name: metrics_from_ranks(ranks_in(ranking, targets)) for name, ranking in systems.items()}
+    ranked_ids = {name: [[clips[i] for i in row] for row in ranking[:, :16].tolist()] for name, ranking in systems.items()}
+    return metrics, ranked_ids
+
+
+__all__ = [
+    "evaluate_text_to_audio",
+    "chance_metrics",
+    "embed_cached_audio",
+    "embed_texts",
+    "group_by_clip",
+    "metrics_from_ranks",
+    "pad_tokens",
+    "rank_items",
+    "ranks_in",
+    "rerank_rankings",
+    "rerank_with_matching_head",
+    "retrieval_metrics",
+    "target_ranks",
+]

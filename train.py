@@ -28,12 +28,12 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_scheduler
 
-from audio_text_data import clean_caption, combine, load_audiocaps, load_audiofolder, load_clotho, load_hub_dataset, split_by_clip
+from audio_text_data import combine, load_audiocaps, load_audiofolder, load_clotho, load_hub_dataset, split_by_clip
 from configuration_audio_qformer import BeatsConfig
-from feature_cache import build_cache, clip_key, crop_tokens
-from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint, max_over_queries
+from feature_cache import build_cache, crop_tokens, with_cache_keys
+from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
-from retrieval import chance_metrics, embed_cached_audio, embed_texts, group_by_clip, retrieval_metrics
+from retrieval import chance_metrics, evaluate_text_to_audio, pad_tokens
 
 
 logger = get_logger(__name__)
@@ -154,13 +154,6 @@ def load_data(args):
     return train, evaluation, skipped
 
 
-def with_cache_keys(dataset):
-    return dataset.map(
-        lambda row: {"key": clip_key(row["audio_path"] or None, row["audio_bytes"]), "caption": clean_caption(row["caption"])},
-        desc="Keying clips",
-    )
-
-
 class CachedPairs(torch.utils.data.Dataset):
     """(BEATs tokens, caption, clip index) training pairs read from the feature cache; tokens cropped per epoch."""
 
@@ -182,12 +175,7 @@ class CachedPairs(torch.utils.data.Dataset):
 
 def make_collate(tokenizer, max_text_length: int, pad_audio_to: int | None):
     def collate(examples):
-        length = pad_audio_to or max(e["tokens"].shape[0] for e in examples)
-        states = torch.zeros(len(examples), length, examples[0]["tokens"].shape[1])
-        mask = torch.zeros(len(examples), length, dtype=torch.long)
-        for i, example in enumerate(examples):
-            states[i, : example["tokens"].shape[0]] = torch.from_numpy(np.asarray(example["tokens"], dtype=np.float32))
-            mask[i, : example["tokens"].shape[0]] = 1
+        states, mask = pad_tokens([e["tokens"] for e in examples], pad_audio_to)
         # Fixed-length captions (LAVIS pads to max_length), so batches gather across processes.
         text = tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
                          max_length=max_text_length, return_tensors="pt", return_token_type_ids=False)  # fmt: skip
@@ -215,16 +203,15 @@ def make_batch_gatherer(accelerator):
 
 
 def evaluate_sets(model, tokenizer, evaluation, cache, batch_size: int) -> dict:
-    """Text-to-audio R@1/5/10 and mAP@10 of each validation set (every caption a query, its clip the target)."""
+    """Text-to-audio R@1/5/10 and mAP@10 (contrastive ranking) of each validation set."""
     results = {}
     model.eval()
     for name, rows in evaluation.items():
-        clips, targets = group_by_clip(rows["audio_id"])
         key_of = dict(zip(rows["audio_id"], rows["key"]))
-        audio_embeds = embed_cached_audio(model, [cache.get(key_of[clip]) for clip in clips], batch_size)
-        text_embeds = embed_texts(model, tokenizer, rows["caption"])
-        metrics = retrieval_metrics(max_over_queries(audio_embeds, text_embeds).t(), targets)
-        results[name] = {**metrics, "clips": len(clips), "queries": len(targets)}
+        metrics, _ = evaluate_text_to_audio(
+            model, tokenizer, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]), batch_size
+        )
+        results[name] = {**metrics["ATC"], "clips": len(key_of), "queries": len(rows)}
     model.train()
     return results
 

@@ -1,0 +1,408 @@
+# Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
+"""A searchable sound library on the audio Q-Former: embed a folder once, then search it by text or by example.
+
+    audio-qformer index DIR --model MODEL [--library LIB]        # resumable; later runs embed only new files
+    audio-qformer search "a dog barks" [--library LIB] [-k 10] [--rerank 16] [--json]
+    audio-qformer similar FILE [--library LIB] [-k 10] [--json]
+
+The report's inference: every clip's audio embeddings (32 query tokens x 256) are computed once and stored; a text's
+embedding is scored against them by cosine, best query token (`max_over_queries`); optionally the matching head
+re-ranks the top k. Files longer than `WINDOW_SECONDS` are cut into overlapping windows (`HOP_SECONDS` apart, the last
+one ending with the file) and a file scores as its best window.
+
+A library folder holds `library.json` (the model it was built with and its identity hash, the window settings),
+`embeddings/` (one row of 32 x 256 float16 per window, memory-mapped) and, unless `--no_tokens`, `tokens/` (each
+window's BEATs tokens, so re-ranking needs no audio decoding), both in the crash-safe `FeatureCache` format, and
+`files.json` (the files of each indexed folder, replaced atomically at the end of an index run).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from audio_text_data import AudioLoadError, audio_files, load_audio
+from feature_cache import FeatureCache, clip_key
+from retrieval import rerank_with_matching_head
+from vector_search import exact_search
+
+
+LIBRARY_CONFIG = "library.json"
+LIBRARY_FILES = "files.json"
+# 64 BEATs time patches (512 tokens, 10.24 s): the report's training crop, so a window is what the model was trained on.
+WINDOW_SECONDS = 10.24
+HOP_SECONDS = 5.12
+
+
+def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
+    """First samples of the windows covering a clip: one window if it fits, else every `hop`, the last ending with it."""
+    if num_samples <= window:
+        return [0]
+    starts = list(range(0, num_samples - window + 1, hop))
+    if starts[-1] + window < num_samples:
+        starts.append(num_samples - window)
+    return starts
+
+
+def model_identity(model) -> str:
+    """A hash of the model's config and weights (hex, 16 characters): a library is only searched with its model."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(name_or_path: str, device: str | torch.device = "cpu"):
+    """The model (eval mode) and processor saved at a path or Hub id."""
+    from transformers import BertTokenizer
+
+    from modeling_audio_qformer import AudioQFormerModel
+    from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
+
+    # This project's classes, not the copies saved with the model: no remote code runs. The Q-Former reads BERT's
+    # vocabulary, so its tokenizer is a BERT tokenizer (AutoTokenizer would look for remote code in the config).
+    model = AudioQFormerModel.from_pretrained(name_or_path).to(device).eval()
+    feature_extractor = BeatsFeatureExtractor.from_pretrained(name_or_path)
+    return model, AudioQFormerProcessor(feature_extractor, BertTokenizer.from_pretrained(name_or_path))
+
+
+def _write_json_atomically(path: str, value):
+    with open(path + ".partial", "w") as handle:
+        json.dump(value, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".partial", path)
+
+
+@dataclass
+class SearchHit:
+    """One ranked file. `score` orders the list: the cosine, or match logit + cosine for re-ranked hits."""
+
+    path: str
+    score: float
+    cosine: float
+    start_seconds: float  # where the best-matching window starts (0 for files within one window)
+    match_logit: float | None = None
+
+
+class AudioLibrary:
+    """
+    Stored audio embeddings of a sound library, searchable by text (`search`) or by an example file (`similar`).
+
+    Args:
+        directory (`str`): the library folder (created by `index` when `create=True`).
+        model ([`AudioQFormerModel`]) and processor ([`AudioQFormerProcessor`]): the model that embeds; an existing
+            library refuses a model with other weights.
+        model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it.
+        keep_tokens (`bool`, defaults to `True`): also store each window's BEATs tokens, for re-ranking without
+            decoding audio again (about 260 MB per hour of audio at 768 wide).
+    """
+
+    def __init__(self, directory: str, model, processor, model_name: str | None = None, create: bool = False,
+                 keep_tokens: bool = True, window_seconds: float = WINDOW_SECONDS, hop_seconds: float = HOP_SECONDS):  # fmt: skip
+        self.directory, self.model, self.processor = directory, model, processor
+        self.sampling_rate = processor.feature_extractor.sampling_rate
+        config_path = os.path.join(directory, LIBRARY_CONFIG)
+        identity = model_identity(model)
+        if os.path.exists(config_path):
+            with open(config_path) as handle:
+                self.config = json.load(handle)
+            if self.config["model_identity"] != identity:
+                raise ValueError(
+                    f"The library {directory} was built with another model ({self.config.get('model')}, identity "
+                    f"{self.config['model_identity']}); this model's identity is {identity}. Use that model, or "
+                    "index into a new --library."
+                )
+        elif create:
+            if hop_seconds <= 0 or hop_seconds > window_seconds:
+                raise ValueError(f"Need 0 < hop_seconds <= window_seconds; got {hop_seconds} and {window_seconds}.")
+            os.makedirs(directory, exist_ok=True)
+            self.config = {"format": 1, "model": model_name, "model_identity": identity, "keep_tokens": keep_tokens,
+                           "window_seconds": window_seconds, "hop_seconds": hop_seconds}  # fmt: skip
+            _write_json_atomically(config_path, self.config)
+        else:
+            raise FileNotFoundError(
+                f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
+            )
+        embed_width = model.config.num_query_tokens * model.config.embed_dim
+        self.embeddings = FeatureCache(directory, "embeddings", embed_width)
+        self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
+        files_path = os.path.join(directory, LIBRARY_FILES)
+        self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
+
+    @classmethod
+    def load(cls, directory: str, model_name_or_path: str | None = None, device="cpu") -> "AudioLibrary":
+        """Open a library with the model it was built with (or the one given)."""
+        config_path = os.path.join(directory, LIBRARY_CONFIG)
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(
+                f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
+            )
+        with open(config_path) as handle:
+            name = model_name_or_path or json.load(handle)["model"]
+        model, processor = load_model(name, device)
+        return cls(directory, model, processor, name)
+
+    # --- embedding ---------------------------------------------------------------------------------------------------
+
+    def windows(self, waveform: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+        window = int(round(self.config["window_seconds"] * self.sampling_rate))
+        hop = int(round(self.config["hop_seconds"] * self.sampling_rate))
+        starts = window_starts(waveform.shape[0], window, hop)
+        return starts, [waveform[start : start + window] for start in starts]
+
+    @torch.no_grad()
+    def embed_waveforms(self, waveforms: list[np.ndarray], batch_size: int = 8):
+        """Audio embeddings `(n, queries, embed_dim)` of 16 kHz mono waveforms, and their BEATs tokens (float16)."""
+        device = next(self.model.parameters()).device
+        embeds, tokens = [], []
+        for start in range(0, len(waveforms), batch_size):
+            inputs = self.processor.feature_extractor(
+                waveforms[start : start + batch_size], sampling_rate=self.sampling_rate, return_tensors="pt"
+            ).to(device)
+            states, mask = self.model.get_audio_hidden_states(**inputs)
+            audio = self.model.get_audio_features(audio_hidden_states=states, audio_attention_mask=mask)
+            embeds.append(audio.audio_embeds.float().cpu())
+            lengths = mask.sum(-1).tolist()
+            tokens += [s[:n].to(torch.float16).cpu().numpy() for s, n in zip(states, lengths)]
+        return torch.cat(embeds), tokens
+
+    def index(self, root: str, batch_size: int = 8, show_progress: bool = True) -> dict:
+        """
+        Embed every audio file under `root` not yet in the library (new or changed files), with a progress bar.
+        Resumable: what a killed run stored is kept and not embedded again. Unreadable files are reported, not fatal,
+        and tried again next time. Returns `{"files", "embedded", "reused", "failed": [{"audio", "reason"}]}`.
+        """
+        root = os.path.abspath(root)
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"{root}: not a folder")
+        paths = audio_files(root)
+        keys = {path: clip_key(path) for path in paths}
+        todo = [path for path in paths if keys[path] not in self.embeddings]
+        failed, pending, pending_windows = [], [], 0
+
+        def flush():
+            flat = [window for _, _, _, windows in pending for window in windows]
+            if not flat:
+                return
+            embeds, tokens = self.embed_waveforms(flat, batch_size)
+            embeds = embeds.flatten(1).numpy()
+            rows, token_items = [], []
+            first = 0
+            for path, duration, starts, windows in pending:
+                count = len(windows)
+                token_items += [(f"{keys[path]}#{i}", tokens[first + i], {}) for i in range(count)]
+                rows.append((keys[path], embeds[first : first + count],
+                             {"path": path, "seconds": duration, "starts": starts}))  # fmt: skip
+                first += count
+            if self.config["keep_tokens"]:
+                self.tokens.append(token_items)  # before the embeddings: a stored embedding always has its tokens
+            self.embeddings.append(rows)
+            pending.clear()
+
+        progress = tqdm(todo, desc="Indexing", unit="file", disable=not show_progress)
+        for path in progress:
+            try:
+                waveform = load_audio(path, sampling_rate=self.sampling_rate)
+            except AudioLoadError as error:
+                failed.append({"audio": path, "reason": str(error)})
+                continue
+            starts, windows = self.windows(waveform)
+            pending.append((path, waveform.shape[0] / self.sampling_rate, starts, windows))
+            pending_windows += len(windows)
+            if pending_windows >= batch_size:
+                flush()
+                pending_windows = 0
+        flush()
+        progress.close()
+        self.files[root] = {path: keys[path] for path in paths if keys[path] in self.embeddings}
+        _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
+        if failed:
+            with open(os.path.join(self.directory, "failures.jsonl"), "a") as handle:
+                handle.writelines(json.dumps(f) + "\n" for f in failed)
+        return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - len(todo),
+                "failed": failed}  # fmt: skip
+
+    # --- searching ---------------------------------------------------------------------------------------------------
+
+    def _live_windows(self):
+        """Rows of the windows of the files currently indexed, each row's file key, and the rows as (n, Q, D)."""
+        keys = sorted({key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys()))
+        if not keys:
+            raise ValueError(f"The library {self.directory} holds no files yet: run `audio-qformer index DIR` first.")
+        rows, owners = [], []
+        for key in keys:
+            _, offset, length = self.embeddings.location(key)
+            rows.extend(range(offset, offset + length))
+            owners += [key] * length
+        array = self.embeddings.shard_array(0)
+        queries, dim = self.model.config.num_query_tokens, self.model.config.embed_dim
+        rows = np.asarray(rows)
+        if len(rows) != array.shape[0] or not (rows == np.arange(len(rows))).all():
+            array = array[rows]  # stale windows present: gather the live ones
+        return rows, owners, array.reshape(-1, queries, dim)
+
+    def _top_files(self, query_embeds: torch.Tensor, k: int, exclude: set[str] = frozenset()):
+        """Per query, the best `k` files as (key, window row, cosine), each file counted once (its best window)."""
+        rows, owners, array = self._live_windows()
+        max_windows = max(len(self.embeddings.metadata(key)["starts"]) for key in set(owners))
+        limit = min(len(rows), (k + len(exclude)) * max_windows)  # enough windows to hold k distinct files
+        scores, indices = exact_search(query_embeds, array, limit)
+        results = []
+        for query_scores, query_indices in zip(scores.tolist(), indices.tolist()):
+            seen, hits = set(), []
+            for score, index in zip(query_scores, query_indices):
+                key = owners[index]
+                if key in seen or self.embeddings.metadata(key)["path"] in exclude:
+                    continue
+                seen.add(key)
+                hits.append((key, int(rows[index]), score))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def _hit(self, key: str, row: int, cosine: float, score: float | None = None, match_logit=None) -> SearchHit:
+        meta = self.embeddings.metadata(key)
+        window = row - self.embeddings.location(key)[1]
+        start = meta["starts"][window] / self.sampling_rate
+        return SearchHit(meta["path"], cosine if score is None else score, cosine, start, match_logit)
+
+    def _window_tokens(self, key_rows: list[tuple[str, int]]) -> list[np.ndarray]:
+        """BEATs tokens of windows: stored ones, else computed again from the audio."""
+        tokens = []
+        for key, row in key_rows:
+            window = row - self.embeddings.location(key)[1]
+            if f"{key}#{window}" in self.tokens:
+                tokens.append(self.tokens.get(f"{key}#{window}"))
+            else:
+                meta = self.embeddings.metadata(key)
+                _, windows = self.windows(load_audio(meta["path"], sampling_rate=self.sampling_rate))
+                tokens.append(self.embed_waveforms([windows[window]])[1][0])
+        return tokens
+
+    @torch.no_grad()
+    def search(self, texts: list[str], k: int = 10, rerank: int = 0, batch_size: int = 64) -> list[list[SearchHit]]:
+        """
+        The `k` best files for each text. With `rerank > 0` the first `rerank` of them are re-ordered by the matching
+        head (score = match logit + cosine), in one batched pass over all (text, candidate) pairs.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        device = next(self.model.parameters()).device
+        tokens = self.processor.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.model.config.eval_max_text_length,
+            return_tensors="pt", return_token_type_ids=False,
+        )  # fmt: skip
+        text_embeds = self.model.get_text_features(**tokens.to(device)).text_embeds.float().cpu()
+        found = self._top_files(text_embeds, max(k, rerank))
+        if rerank <= 0:
+            return [[self._hit(*hit) for hit in hits[:k]] for hits in found]
+        depth = min(rerank, min(len(hits) for hits in found))
+        pairs = [hits[:depth] for hits in found]
+        flat = [hit for hits in pairs for hit in hits]
+        candidates = torch.arange(len(flat)).view(len(texts), depth)
+        cosines = torch.tensor([[cos for _, _, cos in hits] for hits in pairs])
+        order, scores = rerank_with_matching_head(
+            self.model, candidates, cosines, tokens["input_ids"].cpu(), tokens["attention_mask"].cpu(),
+            lambda ids: self._window_tokens([flat[i][:2] for i in ids]), batch_size=batch_size,
+        )  # fmt: skip
+        results = []
+        for q, hits in enumerate(found):
+            reranked = []
+            for index, score in zip(order[q].tolist(), scores[q].tolist()):
+                key, row, cosine = flat[index]
+                reranked.append(self._hit(key, row, cosine, score, score - cosine))
+            results.append((reranked + [self._hit(*hit) for hit in hits[depth:]])[:k])
+        return results
+
+    @torch.no_grad()
+    def similar(self, path: str, k: int = 10) -> list[SearchHit]:
+        """The `k` files that sound most like `path` (best pair of query tokens over all windows), itself excluded."""
+        waveform = load_audio(path, sampling_rate=self.sampling_rate)
+        embeds, _ = self.embed_waveforms(self.windows(waveform)[1])
+        query = embeds.reshape(1, -1, embeds.shape[-1])  # every query token of every window
+        return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+def _print_hits(query: str, hits: list[SearchHit], as_json: bool):
+    if as_json:
+        print(json.dumps({"query": query, "results": [asdict(hit) for hit in hits]}, ensure_ascii=False))
+        return
+    print(f"\n{query}")
+    reranked = any(hit.match_logit is not None for hit in hits)
+    header = f"{'rank':>4}  {'score':>7}  {'cosine':>7}  " + (f"{'match':>7}  " if reranked else "") + "file"
+    print(header)
+    for rank, hit in enumerate(hits, 1):
+        match = (f"{hit.match_logit:7.3f}  " if hit.match_logit is not None else f"{'':7}  ") if reranked else ""
+        where = f"  (from {hit.start_seconds:.1f} s)" if hit.start_seconds else ""
+        print(f"{rank:>4}  {hit.score:7.3f}  {hit.cosine:7.3f}  {match}{hit.path}{where}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="audio-qformer", description="Index a sound library and search it by text.")
+    parser.add_argument("--library", default="audio-library", help="The library folder (default: ./audio-library).")
+    parser.add_argument("--device", default="cpu")
+    commands = parser.add_subparsers(dest="command", required=True)
+    index = commands.add_parser("index", help="Embed every audio file under DIR (only new or changed files).")
+    index.add_argument("directory", metavar="DIR")
+    index.add_argument("--model", help="Saved model folder or Hub id (required for a new library).")
+    index.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
+    index.add_argument("--no_tokens", action="store_true", help="Do not store BEATs tokens (re-ranking decodes audio).")
+    index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
+    index.add_argument("--hop_seconds", type=float, default=HOP_SECONDS)
+    search = commands.add_parser("search", help="Rank the library's files for a text.")
+    search.add_argument("text", nargs="+", help="One or more queries.")
+    similar = commands.add_parser("similar", help="Rank the library's files by similarity to an audio file.")
+    similar.add_argument("file", metavar="FILE")
+    for sub in (search, similar):
+        sub.add_argument("-k", type=int, default=10, help="How many files to list.")
+        sub.add_argument("--json", action="store_true", help="One JSON object per query instead of a table.")
+    search.add_argument("--rerank", type=int, default=0, metavar="K", help="Re-rank the top K with the matching head.")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "index":
+            if os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
+                library = AudioLibrary.load(args.library, args.model, args.device)
+            else:
+                if not args.model:
+                    parser.error("a new library needs --model (a saved model folder or Hub id)")
+                model, processor = load_model(args.model, args.device)
+                library = AudioLibrary(args.library, model, processor, args.model, create=True,
+                                       keep_tokens=not args.no_tokens, window_seconds=args.window_seconds,
+                                       hop_seconds=args.hop_seconds)  # fmt: skip
+            report = library.index(args.directory, args.batch_size)
+            print(f"{args.library}: {report['files']} audio files under {args.directory}: {report['embedded']} embedded, "
+                  f"{report['reused']} already indexed, {len(report['failed'])} unreadable")  # fmt: skip
+            for failure in report["failed"]:
+                print(f"  skipped {failure['audio']}: {failure['reason']}")
+        else:
+            library = AudioLibrary.load(args.library, device=args.device)
+            if args.command == "search":
+                for query, hits in zip(args.text, library.search(args.text, args.k, args.rerank)):
+                    _print_hits(query, hits, args.json)
+            else:
+                _print_hits(args.file, library.similar(args.file, args.k), args.json)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+        print(f"audio-qformer: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["AudioLibrary", "HOP_SECONDS", "SearchHit", "WINDOW_SECONDS", "load_model", "model_identity", "window_starts"]

@@ -1,0 +1,118 @@
+# Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
+"""The report's Table 1 for a model: text-to-audio retrieval, contrastive ranking alone and with the matching head
+re-ranking the top 16, on Clotho's evaluation split or any captioned audio folder.
+
+    python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --clotho_split evaluation
+    python evaluate_retrieval.py --model outputs/demo-model --audiofolder data/synthetic/library --output_json table.json
+
+Every caption is a query with its clip as the one relevant item; the metrics are those of the DCASE baseline (mAP@10,
+R@1, R@5, R@10), computed by the `evaluate` module in `metrics/audio_retrieval`. BEATs tokens go through the same
+feature cache as training, so a second evaluation of the same clips skips BEATs.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from audio_text_data import load_audiofolder, load_clotho, load_hub_dataset
+from audio_search import load_model
+from feature_cache import build_cache, with_cache_keys
+from retrieval import chance_metrics, evaluate_text_to_audio
+
+
+METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "audio_retrieval")
+COLUMNS = ("mAP@10", "R@1", "R@5", "R@10")
+# The report's Table 1 (Clotho evaluation, percent), for comparison when evaluating on Clotho.
+PAPER_TABLE_1 = {
+    "DCASE 2023 baseline": {"mAP@10": 22.2, "R@1": 13.0, "R@5": None, "R@10": None},
+    "Q-Former, fine-tuned (report)": {"mAP@10": 26.47, "R@1": 16.02, "R@5": None, "R@10": None},
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="A saved model folder or Hub id.")
+    source = parser.add_argument_group("evaluation set (one)")
+    source.add_argument("--clotho_root", help="Clotho v2.1 in its official layout.")
+    source.add_argument("--clotho_split", default="evaluation")
+    source.add_argument("--audiofolder", help="A folder of audio with metadata.csv (file_name, caption columns).")
+    source.add_argument("--hub_dataset", help="A Hub dataset id (audio column + caption columns).")
+    source.add_argument("--hub_split", default="test")
+    source.add_argument("--hub_audio_column", default="audio")
+    source.add_argument("--hub_caption_columns", nargs="+", default=["caption"])
+    parser.add_argument("--rerank_top_k", type=int, default=16, help="Candidates the matching head re-ranks (0: off).")
+    parser.add_argument("--feature_cache_dir", default="cache/features")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_json", help="Write the table (and the run's settings) here.")
+    args = parser.parse_args(argv)
+    if sum(bool(s) for s in (args.clotho_root, args.audiofolder, args.hub_dataset)) != 1:
+        parser.error("give exactly one of --clotho_root, --audiofolder, --hub_dataset")
+    return args
+
+
+def load_evaluation_set(args):
+    if args.clotho_root:
+        return ("clotho_" + args.clotho_split,) + load_clotho(args.clotho_root, args.clotho_split)
+    if args.audiofolder:
+        return (os.path.basename(os.path.normpath(args.audiofolder)),) + load_audiofolder(args.audiofolder)
+    dataset, skipped = load_hub_dataset(args.hub_dataset, args.hub_split, args.hub_audio_column, args.hub_caption_columns)
+    return (args.hub_dataset,) + (dataset, skipped)
+
+
+def format_table(name: str, results: dict, chance: dict, clips: int, queries: int) -> str:
+    """The Table 1 layout in percent: one row per system, chance level last."""
+    lines = [f"Text-to-audio retrieval on {name}: {clips} clips, {queries} captions (percent)",
+             f"| {'system':<28} | " + " | ".join(f"{c:>6}" for c in COLUMNS) + " |",
+             f"|{'-' * 30}|" + "|".join("-" * 8 for _ in COLUMNS) + "|"]  # fmt: skip
+    for system, metrics in {**results, "chance": chance}.items():
+        values = [f"{100 * metrics[c]:6.2f}" if metrics.get(c) is not None else f"{'':>6}" for c in COLUMNS]
+        lines.append(f"| {system:<28} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import evaluate
+
+    args = parse_args(argv)
+    started = time.perf_counter()
+    model, processor = load_model(args.model, args.device)
+    name, rows, skipped = load_evaluation_set(args)
+    rows = with_cache_keys(rows)
+    clips = [{"key": r["key"], "audio_path": r["audio_path"], "audio_bytes": r["audio_bytes"]}
+             for r in rows.select_columns(["key", "audio_path", "audio_bytes"])]  # fmt: skip
+    cache, failures, _ = build_cache(args.feature_cache_dir, clips, model.audio_model, processor.feature_extractor)
+    for failure in skipped + failures:
+        print(f"skipped {failure.get('audio')}: {failure.get('reason')}")
+    rows = rows.filter(lambda row: row["key"] in cache, desc="Dropping unreadable clips")
+    key_of = dict(zip(rows["audio_id"], rows["key"]))
+
+    _, rankings = evaluate_text_to_audio(
+        model, processor.tokenizer, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]),
+        args.batch_size, args.rerank_top_k, show_progress=True,
+    )  # fmt: skip
+    metric = evaluate.load(METRIC_PATH)
+    results = {system: metric.compute(predictions=ranked, references=rows["audio_id"])
+               for system, ranked in rankings.items()}  # fmt: skip
+    results = {system: {c: float(m[c]) for c in COLUMNS} for system, m in results.items()}
+    chance = chance_metrics(len(key_of))
+    print(format_table(name, results, chance, len(key_of), len(rows)))
+    if args.clotho_root and args.clotho_split == "evaluation":
+        print("The report's Table 1 on the same split: "
+              + "; ".join(f"{s}: mAP@10 {m['mAP@10']}, R@1 {m['R@1']}" for s, m in PAPER_TABLE_1.items()))  # fmt: skip
+    seconds = time.perf_counter() - started
+    print(f"Done in {seconds:.1f} s.")
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w") as handle:
+            json.dump({"model": args.model, "evaluation_set": name, "clips": len(key_of), "queries": len(rows),
+                       "rerank_top_k": args.rerank_top_k, "results": results, "chance": chance,
+                       "skipped": len(skipped) + len(failures), "seconds": round(seconds, 1)}, handle, indent=2)  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()
