@@ -95,7 +95,7 @@ def main(argv=None):
         args.batch_size, args.rerank_top_k, show_progress=True,
     )  # fmt: skip
     metric = evaluate.load(METRIC_PATH)
-    results = {system: metric.compute(predictions=ranked, references=rows["audio_id"])
+    results = {system: metric.compute(predictions=ranked, references=list(rows["audio_id"]))
                for system, ranked in rankings.items()}  # fmt: skip
     results = {system: {c: float(m[c]) for c in COLUMNS} for system, m in results.items()}
     chance = chance_metrics(len(key_of))

@@ -175,6 +175,7 @@ def evaluate_text_to_audio(
     """
     from modeling_audio_qformer import max_over_queries
 
+    captions, audio_ids = list(captions), list(audio_ids)
     clips, targets = group_by_clip(audio_ids)
     arrays = [audio_tokens(clip) for clip in clips]
     audio_embeds = embed_cached_audio(model, arrays, batch_size)

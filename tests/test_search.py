@@ -1,0 +1,222 @@
+"""The sound-library search engine and its CLI, and the Table-1 evaluation script, on generated audio and a tiny model."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from conftest import make_waveform, tiny_qformer_config
+
+from audio_search import AudioLibrary, load_model, main, window_starts
+from modeling_audio_qformer import AudioQFormerModel, max_over_queries
+from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    AudioQFormerModel(tiny_qformer_config()).save_pretrained(directory)
+    AudioQFormerProcessor(BeatsFeatureExtractor(), tokenizer).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def sounds(tmp_path_factory):
+    """Six short clips of different kinds and lengths, one in a sub-folder with a space and non-ASCII in its name."""
+    directory = tmp_path_factory.mktemp("sounds")
+    os.makedirs(directory / "sub folder é")
+    names = ["a.wav", "b.wav", "c.flac", "d.wav", "e.wav", "sub folder é/f.wav"]
+    kinds = ["mix", "chirp", "quiet", "mix", "chirp", "mix"]
+    for i, (name, kind) in enumerate(zip(names, kinds)):
+        soundfile.write(directory / name, make_waveform(1.0 + 0.5 * i, seed=i, kind=kind), 16000)
+    return directory
+
+
+def copy_of(folder, tmp_path, name="lib-audio"):
+    target = tmp_path / name
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_window_starts():
+    assert window_starts(100, 160, 80) == [0]
+    assert window_starts(160, 160, 80) == [0]
+    assert window_starts(320, 160, 80) == [0, 80, 160]
+    assert window_starts(330, 160, 80) == [0, 80, 160, 170]  # the last window ends with the clip
+
+
+def test_index_search_equals_brute_force(saved_model, sounds, tmp_path):
+    model, processor = load_model(saved_model)
+    library = AudioLibrary(str(tmp_path / "lib"), model, processor, saved_model, create=True)
+    report = library.index(str(sounds), show_progress=False)
+    assert (report["files"], report["embedded"], report["reused"], report["failed"]) == (6, 6, 0, [])
+
+    texts = ["a rising chirp", "quiet hiss", "a tone"]
+    hits = library.search(texts, k=6)
+    # Brute force: each file embedded alone, scored by the best query token.
+    paths = sorted(str(p) for p in sounds.rglob("*") if p.is_file())
+    from audio_text_data import load_audio
+
+    with torch.no_grad():
+        audio_embeds = torch.cat([library.embed_waveforms([load_audio(p)])[0] for p in paths])
+        tokens = processor.tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)
+        text_embeds = model.get_text_features(**tokens).text_embeds
+    expected = max_over_queries(audio_embeds, text_embeds).t()
+    for row, query_hits in zip(expected, hits):
+        order = torch.sort(row, descending=True, stable=True)
+        assert [h.path for h in query_hits] == [paths[i] for i in order.indices.tolist()]
+        np.testing.assert_allclose([h.score for h in query_hits], order.values.numpy(), atol=2e-3)  # float16 store
+
+
+def test_rerank_moves_only_the_top_k(saved_model, sounds, tmp_path):
+    library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
+    library.index(str(sounds), show_progress=False)
+    plain = library.search(["a rising chirp"], k=6)[0]
+    reranked = library.search(["a rising chirp"], k=6, rerank=3)[0]
+    assert {h.path for h in reranked[:3]} == {h.path for h in plain[:3]}
+    assert [h.path for h in reranked[3:]] == [h.path for h in plain[3:]]
+    assert all(h.match_logit is not None for h in reranked[:3]) and reranked[3].match_logit is None
+    scores = [h.score for h in reranked[:3]]
+    assert scores == sorted(scores, reverse=True)
+    for hit in reranked[:3]:
+        assert hit.score == pytest.approx(hit.match_logit + hit.cosine, abs=1e-5)
+    # Without stored tokens the re-rank decodes the audio again and gives the same order.
+    other = AudioLibrary(str(tmp_path / "lib2"), library.model, library.processor, saved_model, create=True, keep_tokens=False)
+    other.index(str(sounds), show_progress=False)
+    again = other.search(["a rising chirp"], k=6, rerank=3)[0]
+    assert [h.path for h in again] == [h.path for h in reranked]
+
+
+def test_incremental_index_and_resume(saved_model, sounds, tmp_path, monkeypatch):
+    folder = copy_of(sounds, tmp_path)
+    model, processor = load_model(saved_model)
+    library = AudioLibrary(str(tmp_path / "lib"), model, processor, saved_model, create=True)
+
+    # A run that dies after its first batch keeps what it stored; the next run embeds only the rest.
+    calls = {"n": 0}
+    original = library.embeddings.append
+
+    def dying_append(items, shard=0):
+        original(items, shard)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(library.embeddings, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        library.index(str(folder), batch_size=2, show_progress=False)
+    monkeypatch.undo()
+    stored = len(library.embeddings)
+    assert 0 < stored < 6
+    reopened = AudioLibrary(str(tmp_path / "lib"), model, processor)
+    report = reopened.index(str(folder), batch_size=2, show_progress=False)
+    assert (report["embedded"], report["reused"]) == (6 - stored, stored)
+    assert len(reopened.embeddings) == 6 and len(reopened.embeddings.keys()) == len(set(reopened.embeddings.keys()))
+
+    # A new file and a corrupt one: only the new file is embedded, the corrupt one is reported.
+    soundfile.write(folder / "g.wav", make_waveform(2.0, seed=9), 16000)
+    (folder / "broken.wav").write_bytes(b"RIFF not really a wav")
+    report = reopened.index(str(folder), show_progress=False)
+    assert (report["files"], report["embedded"], report["reused"]) == (8, 1, 6)
+    assert [f["audio"] for f in report["failed"]] == [str(folder / "broken.wav")]
+    assert len(reopened.search(["a tone"], k=20)[0]) == 7
+
+    # A deleted file drops out of the results.
+    os.remove(folder / "a.wav")
+    reopened.index(str(folder), show_progress=False)
+    assert str(folder / "a.wav") not in {h.path for h in reopened.search(["a tone"], k=20)[0]}
+
+
+def test_long_audio_is_windowed(saved_model, tmp_path):
+    folder = tmp_path / "long"
+    folder.mkdir()
+    # 25 s: quiet noise with a loud chirp from 15 s on. Windows of 10.24 s every 5.12 s: starts 0, 5.12, 10.24, 14.76.
+    wave = make_waveform(25.0, seed=1, kind="quiet")
+    wave[15 * 16000 :] += make_waveform(10.0, kind="chirp")
+    soundfile.write(folder / "long.wav", wave, 16000)
+    model, processor = load_model(saved_model)
+    library = AudioLibrary(str(tmp_path / "lib"), model, processor, saved_model, create=True)
+    library.index(str(folder), show_progress=False)
+    key = library.embeddings.keys()[0]
+    assert library.embeddings.metadata(key)["starts"] == [0, 81920, 163840, 236160]
+    assert library.embeddings.get(key).shape == (4, 4 * 16)
+
+    hit = library.search(["a chirp"], k=1)[0][0]
+    window_embeds, _ = library.embed_waveforms([wave[s : s + 163840] for s in (0, 81920, 163840, 236160)])
+    text = processor.tokenizer(["a chirp"], return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():
+        per_window = max_over_queries(window_embeds, model.get_text_features(**text).text_embeds)[:, 0]
+    assert hit.cosine == pytest.approx(per_window.max().item(), abs=2e-3)
+    assert hit.start_seconds == pytest.approx([0, 5.12, 10.24, 14.76][per_window.argmax().item()])
+
+
+def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer):
+    library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
+    library.index(str(sounds), show_progress=False)
+    torch.manual_seed(1)
+    other = AudioQFormerModel(tiny_qformer_config()).eval()
+    with pytest.raises(ValueError, match="another model"):
+        AudioLibrary(str(tmp_path / "lib"), other, library.processor)
+    with pytest.raises(FileNotFoundError, match="No audio library"):
+        AudioLibrary.load(str(tmp_path / "nowhere"))
+
+
+def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys):
+    folder = copy_of(sounds, tmp_path)
+    (folder / "notes.wav").write_text("this is a text file, not audio")
+    lib = str(tmp_path / "lib")
+    assert main(["--library", lib, "index", str(folder), "--model", saved_model]) == 0
+    out = capsys.readouterr().out
+    assert "7 audio files" in out and "6 embedded" in out and "1 unreadable" in out and "notes.wav" in out
+    assert main(["--library", lib, "index", str(folder)]) == 0
+    assert "0 embedded, 6 already indexed" in capsys.readouterr().out
+
+    assert main(["--library", lib, "search", "a rising chirp", "quiet hiss", "-k", "3", "--rerank", "2", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["query"] for line in lines] == ["a rising chirp", "quiet hiss"]
+    assert all(len(line["results"]) == 3 for line in lines)
+    assert lines[0]["results"][0]["match_logit"] is not None and lines[0]["results"][2]["match_logit"] is None
+
+    assert main(["--library", lib, "similar", str(folder / "b.wav"), "-k", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and str(folder / "b.wav") not in table.split("\n", 2)[2]
+
+    assert main(["--library", str(tmp_path / "missing"), "search", "x"]) == 2
+    assert "No audio library" in capsys.readouterr().err
+
+
+def test_evaluation_script_table(saved_model, tmp_path):
+    from evaluate_retrieval import main as evaluate_main
+    from synthetic_sounds import generate
+    from retrieval import retrieval_metrics
+
+    generate(str(tmp_path / "data"), num_train=2, num_validation=2, num_library=12, captions_per_clip=2, seed=3)
+    output = tmp_path / "table.json"
+    results = evaluate_main([
+        "--model", saved_model, "--audiofolder", str(tmp_path / "data" / "library"), "--rerank_top_k", "3",
+        "--feature_cache_dir", str(tmp_path / "cache"), "--output_json", str(output), "--device", "cpu",
+    ])  # fmt: skip
+    saved = json.loads(output.read_text())
+    assert saved["clips"] == 12 and saved["queries"] == 24
+    assert set(saved["results"]) == {"ATC", "ATC + re-rank top 3"}
+    # The ATC row equals the metrics of the plain similarity matrix (the evaluate module against retrieval.py).
+    model, processor = load_model(saved_model)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "data" / "library" / "metadata.csv")))
+    from audio_text_data import clean_caption, load_audio
+
+    with torch.no_grad():
+        audio = model.get_audio_features(**processor.feature_extractor(
+            [load_audio(str(tmp_path / "data" / "library" / r["file_name"])) for r in rows], sampling_rate=16000,
+            return_tensors="pt")).audio_embeds  # fmt: skip
+        captions = [clean_caption(r[c]) for r in rows for c in ("caption_1", "caption_2")]
+        tokens = processor.tokenizer(captions, padding=True, return_tensors="pt", return_token_type_ids=False)
+        text = model.get_text_features(**tokens).text_embeds
+    expected = retrieval_metrics(max_over_queries(audio, text).t(), torch.arange(12).repeat_interleave(2))
+    for name, value in expected.items():
+        assert results["ATC"][name] == pytest.approx(value, abs=1e-6)
