@@ -445,3 +445,38 @@ def test_zero_shot_audio_classification_pipeline(saved_model):
         expected = model(**inputs).logits_per_audio.softmax(-1)[0]
     for result in results:
         assert abs(result["score"] - expected[labels.index(result["label"])].item()) < 1e-4
+
+
+def test_fully_padded_clip_gives_finite_outputs(tiny_model):
+    """A clip with no real token (all padding) must not turn the batch's embeddings or losses into NaN."""
+    torch.manual_seed(0)
+    states = torch.randn(3, 10, 32)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1] = 0
+    mask[2, 5:] = 0
+    embeds = tiny_model.get_audio_features(audio_hidden_states=states, audio_attention_mask=mask).audio_embeds
+    assert torch.isfinite(embeds).all()
+    ids = torch.randint(1000, 2000, (3, 7))
+    tiny_model.train()
+    outputs = tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids), audio_hidden_states=states,
+                         audio_attention_mask=mask, return_loss=True)  # fmt: skip
+    assert torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_keeps_beats_in_fp32_and_losses_finite(tiny_model, processor, dtype):
+    inputs = processor.feature_extractor([make_waveform(2.0), make_waveform(1.0, seed=1)], sampling_rate=16000,
+                                         return_tensors="pt")  # fmt: skip
+    ids = processor.tokenizer(["a tone", "some noise"], padding=True, return_tensors="pt", return_token_type_ids=False)
+    tiny_model.train()
+    torch.manual_seed(0)
+    reference = tiny_model(**ids, **inputs, return_loss=True).loss
+    with torch.autocast("cpu", dtype=dtype):
+        states, _ = tiny_model.get_audio_hidden_states(**inputs)
+        torch.manual_seed(0)
+        loss = tiny_model(**ids, **inputs, return_loss=True).loss
+    assert states.dtype == torch.float32
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=0.05)
+    assert "audio_model" in type(tiny_model)._keep_in_fp32_modules
