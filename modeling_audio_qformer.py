@@ -699,7 +699,8 @@ class AudioQFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = False  # because the BLIP-2 Q-Former does not support FA2 (and is kept in fp32)
-    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+    # BEATs too: the official model overflows to NaN in fp16.
+    _keep_in_fp32_modules = ["query_tokens", "qformer", "audio_model"]
     _no_split_modules = ["BeatsEncoderLayer", "Blip2QFormerLayer", "Blip2TextEmbeddings"]
 
     def _init_weights(self, module: nn.Module):
@@ -794,8 +795,13 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
     def get_audio_hidden_states(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """BEATs' tokens and token mask for a normalised fbank (frozen: no gradient, eval mode). What a cache stores."""
-        outputs = self.audio_model(input_features, feature_attention_mask, return_dict=True)
+        """
+        BEATs' tokens and token mask for a normalised fbank (frozen: no gradient, eval mode). What a cache stores.
+        BEATs always runs in fp32, also under autocast: the official model overflows to NaN in fp16.
+        """
+        with torch.autocast(device_type=input_features.device.type, enabled=False):
+            dtype = next(self.audio_model.parameters()).dtype
+            outputs = self.audio_model(input_features.to(dtype), feature_attention_mask, return_dict=True)
         return outputs.last_hidden_state, outputs.attention_mask
 
     def _audio_inputs(self, input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask):
