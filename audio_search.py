@@ -401,8 +401,12 @@ def main(argv=None):
     return 0
 
 
-if __name__ == "__main__":
+def console_main():
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()
 
 
 __all__ = ["AudioLibrary", "HOP_SECONDS", "SearchHit", "WINDOW_SECONDS", "load_model", "model_identity", "window_starts"]
