@@ -9,14 +9,16 @@ Every loader returns a `Dataset` with one row per caption and the columns
 - `caption` (`str`);
 - `source` (`str`): which dataset the row comes from;
 
-and a list of the clips it skipped (missing files), each `{"audio": ..., "reason": ...}`. Nothing is dropped silently:
-skipped clips are logged with their count and first paths. Audio is decoded later, by `load_audio`, with soundfile
-(libsndfile) and resampled with soxr; `datasets`' own audio decoding (torchcodec) is not used.
+and a list of the clips it skipped (missing files, no usable caption), each `{"audio": ..., "reason": ...}`.
+Nothing is dropped silently: skipped clips are logged with their count and first paths. Audio is decoded later, by
+`load_audio`, with soundfile (libsndfile) and resampled with soxr; `datasets`' own audio decoding (torchcodec) is not
+used.
 """
 
 import glob
 import hashlib
 import io
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -46,12 +48,19 @@ class AudioLoadError(ValueError):
     """A clip that cannot be used: missing, unreadable, empty or with non-finite samples."""
 
 
-def load_audio(path: str | None = None, data: bytes | None = None, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+def load_audio(
+    path: str | None = None,
+    data: bytes | None = None,
+    sampling_rate: int = SAMPLING_RATE,
+    max_seconds: float | None = None,
+) -> np.ndarray:
     """
     Read one clip (a file, or encoded bytes) as a mono float32 waveform at `sampling_rate`.
 
-    Channels are averaged; other sampling rates are resampled with soxr (high quality). Raises `AudioLoadError`
-    naming the clip and the reason when it is missing, unreadable, empty or holds NaN/inf samples.
+    Channels are averaged; other sampling rates are resampled with soxr (high quality). With `max_seconds`, only the
+    start of the clip is decoded, so an hour-long file costs no more than that. Raises `AudioLoadError` naming the clip
+    and the reason when it is missing, unreadable, empty or holds NaN/inf samples. A WAV whose header promises more
+    data than the file holds (a cut download, or a writer that streamed it) gives the samples present, with a warning.
     """
     import soundfile
     import soxr
@@ -59,13 +68,22 @@ def load_audio(path: str | None = None, data: bytes | None = None, sampling_rate
     name = path if path else "<bytes>"
     if path and not os.path.isfile(path):
         raise AudioLoadError(f"{name}: no such file")
+    if path and not os.access(path, os.R_OK):
+        raise AudioLoadError(f"{name}: permission denied")
+    if (os.path.getsize(path) if path else len(data or b"")) == 0:
+        raise AudioLoadError(f"{name}: empty file (0 bytes)")
     try:
-        waveform, rate = soundfile.read(path if path else io.BytesIO(data), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(path if path else io.BytesIO(data)) as handle:
+            rate = handle.samplerate
+            frames = -1 if max_seconds is None else math.ceil(max_seconds * rate)
+            waveform = handle.read(frames, dtype="float32", always_2d=True)
+            if "should be" in handle.extra_info:  # libsndfile's log: a chunk size that disagrees with the file
+                logger.warning(f"{name}: the header's sizes disagree with the file (truncated?); read what is there.")
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError depending on the cause
         raise AudioLoadError(f"{name}: unreadable audio ({type(error).__name__}: {error})") from error
     if waveform.size == 0:
         raise AudioLoadError(f"{name}: no samples")
-    waveform = waveform.mean(axis=1)
+    waveform = waveform[:, 0] if waveform.shape[1] == 1 else waveform.mean(axis=1)  # no copy of a long mono clip
     if not np.isfinite(waveform).all():
         raise AudioLoadError(f"{name}: NaN or infinite samples")
     if rate != sampling_rate:
@@ -80,26 +98,35 @@ def clean_caption(text: str, max_words: int = 50) -> str:
     return " ".join(text.split(" ")[:max_words])
 
 
-def _report_skipped(source: str, skipped: list[dict]):
+def _usable_captions(captions) -> list[str]:
+    """The captions that keep a word after `clean_caption` (not empty, blank or punctuation only)."""
+    return [c for c in captions if isinstance(c, str) and clean_caption(c)]
+
+
+def _report_skipped(source: str, skipped: list[dict], empty_captions: int = 0):
     if skipped:
         shown = "; ".join(f"{item['audio']} ({item['reason']})" for item in skipped[:5])
         logger.warning(f"{source}: skipped {len(skipped)} clip(s): {shown}{' ...' if len(skipped) > 5 else ''}")
+    if empty_captions:
+        logger.warning(f"{source}: left out {empty_captions} empty caption(s) of clips that have other captions.")
 
 
 def _rows_from_files(
     source: str, id_prefix: str, files_and_captions: Sequence[tuple[str, list[str]]]
 ) -> tuple[Dataset, list[dict]]:
-    """Rows for clips on disk, one per non-empty caption; missing files are skipped and reported."""
+    """Rows for clips on disk, one per non-empty caption; missing files and clips without a caption are reported."""
     rows = {column: [] for column in COLUMNS}
-    skipped = []
+    skipped, empty_captions = [], 0
     for path, captions in files_and_captions:
         if not os.path.isfile(path):
             skipped.append({"audio": path, "reason": "missing file"})
             continue
-        captions = [c for c in captions if isinstance(c, str) and c.strip()]
-        if not captions:
+        usable = _usable_captions(captions)
+        if not usable:
             skipped.append({"audio": path, "reason": "no caption"})
             continue
+        empty_captions += len(captions) - len(usable)
+        captions = usable
         audio_id = f"{id_prefix}/{os.path.basename(path)}"
         for caption in captions:
             rows["audio_path"].append(path)
@@ -107,7 +134,7 @@ def _rows_from_files(
             rows["audio_id"].append(audio_id)
             rows["caption"].append(caption)
             rows["source"].append(source)
-    _report_skipped(source, skipped)
+    _report_skipped(source, skipped, empty_captions)
     if not rows["caption"]:
         raise ValueError(f"{source}: no usable clip (skipped {len(skipped)}); check the paths.")
     return Dataset.from_dict(rows, features=FEATURES), skipped
@@ -214,7 +241,7 @@ def load_hub_dataset(
     if isinstance(table.features[audio_column], Audio):
         table = table.cast_column(audio_column, Audio(decode=False))
     rows = {column: [] for column in COLUMNS}
-    skipped = []
+    skipped, empty_captions = [], 0
     for index, row in enumerate(table):
         audio = row[audio_column]
         path, data = (audio.get("path") or "", audio.get("bytes")) if isinstance(audio, dict) else (str(audio), None)
@@ -228,14 +255,19 @@ def load_hub_dataset(
         else:
             key = path
         captions = row[caption_columns[0]] if len(caption_columns) == 1 else [row[c] for c in caption_columns]
-        for caption in captions if isinstance(captions, list) else [captions]:
-            if isinstance(caption, str) and caption.strip():
-                rows["audio_path"].append(path if data is None else "")
-                rows["audio_bytes"].append(data)
-                rows["audio_id"].append(f"{dataset_id}/{split}/{key}")
-                rows["caption"].append(caption)
-                rows["source"].append(dataset_id)
-    _report_skipped(dataset_id, skipped)
+        captions = captions if isinstance(captions, list) else [captions]
+        usable = _usable_captions(captions)
+        if not usable:
+            skipped.append({"audio": path or f"row {index}", "reason": "no caption"})
+            continue
+        empty_captions += len(captions) - len(usable)
+        for caption in usable:
+            rows["audio_path"].append(path if data is None else "")
+            rows["audio_bytes"].append(data)
+            rows["audio_id"].append(f"{dataset_id}/{split}/{key}")
+            rows["caption"].append(caption)
+            rows["source"].append(dataset_id)
+    _report_skipped(dataset_id, skipped, empty_captions)
     return Dataset.from_dict(rows, features=FEATURES), skipped
 
 

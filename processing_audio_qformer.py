@@ -76,6 +76,9 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
     ```"""
 
     model_input_names = ["input_features", "feature_attention_mask"]
+    # Frames computed at once (60 s at the defaults). It bounds the memory of long clips and leaves the result
+    # unchanged, so it is not part of the saved recipe.
+    fbank_block_frames = 6000
 
     def __init__(
         self,
@@ -155,21 +158,30 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
         shortfall = self.min_num_samples() - waveform.shape[0]
         if shortfall > 0:
             waveform = np.pad(waveform, (0, shortfall))
-        log_mel = spectrogram(
-            waveform * self.waveform_scale,
-            self.window,
-            frame_length=self.frame_length,
-            hop_length=self.hop_length,
-            fft_length=self.fft_length,
-            power=2.0,
-            center=False,  # Kaldi's snip_edges: frames start at sample 0 and never run past the end
-            preemphasis=self.preemphasis,
-            mel_filters=self.mel_filters,
-            mel_floor=KALDI_LOG_FLOOR,
-            log_mel="log",
-            remove_dc_offset=True,
-        ).T
-        return ((log_mel - self.fbank_mean) / (2 * self.fbank_std)).astype(np.float32)
+        # Frames are independent (Kaldi's snip_edges), so a long clip is done in blocks of frames: the float64
+        # spectrogram of an hour would otherwise take ~4 GB. Only the float32 result grows with the length.
+        num_frames = 1 + (waveform.shape[0] - self.frame_length) // self.hop_length
+        blocks = []
+        for first in range(0, num_frames, self.fbank_block_frames):
+            count = min(self.fbank_block_frames, num_frames - first)
+            start = first * self.hop_length
+            segment = waveform[start : start + self.frame_length + (count - 1) * self.hop_length]
+            log_mel = spectrogram(
+                segment.astype(np.float64) * self.waveform_scale,
+                self.window,
+                frame_length=self.frame_length,
+                hop_length=self.hop_length,
+                fft_length=self.fft_length,
+                power=2.0,
+                center=False,  # Kaldi's snip_edges: frames start at sample 0 and never run past the end
+                preemphasis=self.preemphasis,
+                mel_filters=self.mel_filters,
+                mel_floor=KALDI_LOG_FLOOR,
+                log_mel="log",
+                remove_dc_offset=True,
+            ).T
+            blocks.append(((log_mel - self.fbank_mean) / (2 * self.fbank_std)).astype(np.float32))
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
     def _as_mono_clips(self, raw_speech) -> list[np.ndarray]:
         """Validate the input and return a list of 1-D float arrays (one per clip)."""
@@ -216,7 +228,7 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
                 raise ValueError(f"{name} got an empty waveform (clip {index} has no samples).")
             if not np.isfinite(clip).all():
                 raise ValueError(f"{name} got non-finite samples (NaN or inf) in clip {index}.")
-            mono.append(clip.astype(np.float64, copy=False))
+            mono.append(clip)  # float64 only block by block, in `_fbank`: no copy of a long clip
         return mono
 
     def __call__(
@@ -272,6 +284,10 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
             )
 
         clips = self._as_mono_clips(raw_speech)
+        if truncation and max_length is not None:
+            # Cut as audio first, so that only the frames kept are computed (an hour-long clip costs no more than
+            # `max_length` frames).
+            clips = [clip[: self.frame_length + (max_length - 1) * self.hop_length] for clip in clips]
         fbanks = [self._fbank(clip) for clip in clips]
         batch = BatchFeature({"input_features": fbanks})
         return_attention_mask = self.return_attention_mask if return_attention_mask is None else return_attention_mask
