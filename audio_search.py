@@ -26,12 +26,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from audio_text_data import AudioLoadError, audio_files, load_audio
 from feature_cache import FeatureCache, clip_key
 from retrieval import rerank_with_matching_head
 from vector_search import exact_search
 
+
+logger = logging.get_logger(__name__)
 
 LIBRARY_CONFIG = "library.json"
 LIBRARY_FILES = "files.json"
@@ -228,6 +231,9 @@ class AudioLibrary:
         if failed:
             with open(os.path.join(self.directory, "failures.jsonl"), "a") as handle:
                 handle.writelines(json.dumps(f) + "\n" for f in failed)
+            shown = "; ".join(f"{f['audio']} ({f['reason']})" for f in failed[:20])
+            more = f" and {len(failed) - 20} more (see failures.jsonl)" if len(failed) > 20 else ""
+            logger.warning(f"{len(failed)} file(s) could not be read and were skipped: {shown}{more}")
         return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - len(todo),
                 "failed": failed}  # fmt: skip
 
@@ -297,6 +303,8 @@ class AudioLibrary:
         """
         if isinstance(texts, str):
             texts = [texts]
+        if not texts or any(not text or not text.strip() for text in texts):
+            raise ValueError("Search needs non-empty text queries.")
         device = next(self.model.parameters()).device
         tokens = self.processor.tokenizer(
             list(texts), padding="longest", truncation=True, max_length=self.model.config.eval_max_text_length,

@@ -252,7 +252,7 @@ def audio_cases() -> list[AudioCase]:
     def undecodable(match):
         return {"array": NOT_DECODABLE, "file": _error(match), "listing": _ok(), "batch": _skipped(match)}
 
-    return [
+    cases = [
         AudioCase("16 kHz mono wav", _wav("plain.wav"), ok, seconds=1.0),
         AudioCase("8 kHz", _wav("8k.wav", rate=8000), rate(8000), seconds=1.0),
         AudioCase("22.05 kHz", _wav("22k.wav", rate=22050), rate(22050), seconds=1.0),
@@ -312,6 +312,11 @@ def audio_cases() -> list[AudioCase]:
         # what each must hold (the array API: its 180 MB result; `load_audio`: the 230 MB waveform).
         AudioCase("one hour", _one_hour, ok, seconds=ONE_HOUR, max_peak_mib=900),
     ]
+    # "folder": a job that scans a folder (the CLI's `index DIR`) expects what a batch job does, but a missing file
+    # is simply not in the folder.
+    for case in cases:
+        case.expect.setdefault("folder", NOT_DECODABLE if case.name == "missing file" else case.expect["batch"])
+    return cases
 
 
 # --- caption inputs --------------------------------------------------------------------------------------------------
@@ -390,6 +395,23 @@ class Context:
             return AudioQFormerProcessor(self.extractor, AutoTokenizer.from_pretrained(default_bert_checkpoint()))
 
         return self._get("processor", build)
+
+    @property
+    def library(self):
+        """A sound library on a tiny random model (the CLI's engine)."""
+
+        def build():
+            import torch
+
+            from audio_search import AudioLibrary
+            from conftest import tiny_qformer_config
+            from modeling_audio_qformer import AudioQFormerModel
+
+            torch.manual_seed(0)
+            model = AudioQFormerModel(tiny_qformer_config()).eval()
+            return AudioLibrary(os.path.join(self.directory, "library"), model, self.processor, create=True)
+
+        return self._get("library", build)
 
     def input_path(self, case: AudioCase) -> str:
         """The case's file, written on first use into its own directory."""
@@ -612,11 +634,44 @@ def _check_tokens(case: AudioCase, outcome: Outcome, context: Context) -> list[s
     return problems
 
 
+def cli_index_entry(context: Context, path: str) -> Outcome:
+    """`audio-qformer index DIR` (`AudioLibrary.index`) on the input's folder, into one shared library."""
+    from audio_search import AudioLibrary
+    from feature_cache import clip_key
+
+    if not os.path.exists(path):
+        return Outcome("n/a", "a folder scan only sees files that exist")
+    key = clip_key(path)
+    try:
+        with _Warnings("audio_search", "audio_text_data") as warned, _Measure() as measure:
+            library = context.library
+            report = library.index(os.path.dirname(path), show_progress=False)
+    except Exception as error:  # a batch job must never raise for one bad input
+        return Outcome("error", f"crashed: {type(error).__name__}", str(error), type(error))
+    stored = np.array(library.embeddings.get(key), dtype=np.float32) if key in library.embeddings else None
+    detail = f"{len(stored)} window{'s' * (len(stored) > 1)}" if stored is not None else ""
+    outcome = batch_outcome(path, stored, report["failed"], warned.messages, detail)
+    outcome.seconds, outcome.peak_mib = measure.seconds, measure.peak_mib
+    return outcome
+
+
+def _check_windows(case: AudioCase, outcome: Outcome, context: Context) -> list[str]:
+    """One embedding row per 10.24 s window (5.12 s apart), each of the tiny model's 4 queries x 16."""
+    from audio_search import window_starts
+
+    rows = outcome.value
+    if case.seconds is None:
+        return []
+    expected = len(window_starts(int(round(case.seconds * 16000)), 163840, 81920))
+    return [] if rows.shape == (expected, 64) else [f"stored {rows.shape}, expected ({expected}, 64)"]
+
+
 AUDIO_ENTRY_POINTS: dict[str, EntryPoint] = {
     "BeatsFeatureExtractor": EntryPoint("array", feature_extractor_entry, names_file=False),
     "load_audio": EntryPoint("file", load_audio_entry),
     "load_audiofolder": EntryPoint("listing", loader_entry),
     "build_cache": EntryPoint("batch", build_cache_entry, check=_check_tokens),
+    "audio-qformer index": EntryPoint("folder", cli_index_entry, check=_check_windows),
 }
 
 
@@ -735,7 +790,7 @@ def _check_ok(case, kind: str, outcome: Outcome, context: Context) -> list[str]:
     elif kind == "listing":
         if os.path.basename(outcome.value["audio_path"]) != os.path.basename(context.input_path(case)):
             problems.append("the row does not point at the file")
-    elif kind == "batch":
+    elif kind in ("batch", "folder"):
         stored = np.asarray(outcome.value)
         if stored.ndim != 2 or stored.shape[0] == 0 or not np.isfinite(stored).all():
             problems.append(f"stored {stored.shape} {stored.dtype}, expected a non-empty finite (rows, size) array")
