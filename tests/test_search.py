@@ -220,3 +220,59 @@ def test_evaluation_script_table(saved_model, tmp_path):
     expected = retrieval_metrics(max_over_queries(audio, text).t(), torch.arange(12).repeat_interleave(2))
     for name, value in expected.items():
         assert results["ATC"][name] == pytest.approx(value, abs=1e-6)
+
+
+def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_path):
+    """SIGKILL `audio-qformer index` mid-run (several times), restart: same files, same embeddings, no duplicates."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(24):
+        soundfile.write(folder / f"clip{i:02d}.wav", make_waveform(1.0 + (i % 5) * 0.7, seed=i), 16000)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+
+    def index(library, kill_after=None):
+        command = [sys.executable, "audio_search.py", "--library", str(library), "index", str(folder),
+                   "--model", saved_model, "--batch_size", "2"]  # fmt: skip
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if kill_after is None:
+            assert process.wait(timeout=300) == 0, process.stdout.read().decode()[-2000:]
+            return True
+        deadline = time.monotonic() + kill_after
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        finished = process.poll() is not None
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return finished
+
+    index(tmp_path / "whole")
+    rng = random.Random(0)
+    killed = tmp_path / "killed"
+    kills = 0
+    for _ in range(4):
+        if index(killed, kill_after=rng.uniform(3.0, 9.0)):
+            break
+        kills += 1
+    index(killed)
+    assert kills >= 1
+
+    model, processor = load_model(saved_model)
+    whole, resumed = (AudioLibrary(str(tmp_path / name), model, processor) for name in ("whole", "killed"))
+    assert sorted(whole.embeddings.keys()) == sorted(resumed.embeddings.keys())
+    assert len(resumed.embeddings.keys()) == 24
+    for key in whole.embeddings.keys():
+        np.testing.assert_array_equal(whole.embeddings.get(key), resumed.embeddings.get(key))
+        assert whole.embeddings.metadata(key) == resumed.embeddings.metadata(key)
+    # Every stored row belongs to exactly one entry: no duplicates, no gaps left by the kills.
+    rows = sorted(resumed.embeddings.location(key)[1:] for key in resumed.embeddings.keys())
+    assert [offset for offset, _ in rows] == list(np.cumsum([0] + [length for _, length in rows[:-1]]))
+    assert resumed.embeddings.shard_array(0).shape[0] == sum(length for _, length in rows)
+    assert [h.path for h in resumed.search(["a tone"], k=24)[0]] == [h.path for h in whole.search(["a tone"], k=24)[0]]
