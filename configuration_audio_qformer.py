@@ -197,6 +197,11 @@ class AudioQFormerConfig(PreTrainedConfig):
             Token length queries are truncated to at retrieval time.
         rerank_top_k (`int`, *optional*, defaults to 16):
             How many of the best contrastive candidates the matching head re-ranks at retrieval time.
+        text_pooling (`str`, *optional*, defaults to `"cls"`):
+            How the text embedding summarises the Q-Former's text output: `"cls"`, the `[CLS]` token (BLIP-2 and the
+            report), or `"mean"`, the mean over the caption's tokens. Use `"mean"` with a BERT trained for mean pooling,
+            such as the packaged MiniLM-L6 sentence encoder, whose `[CLS]` output is almost the same for every text
+            (cosine 0.9996 between captions; 1.0 in its first five layers), which stalls the contrastive loss.
         decoder_bos_token_id (`int`, *optional*, defaults to 30522):
             Id of `[DEC]`, which replaces `[CLS]` as the first token when the Q-Former generates a caption.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -236,6 +241,7 @@ class AudioQFormerConfig(PreTrainedConfig):
     train_max_text_length: int = 32
     eval_max_text_length: int = 35
     rerank_top_k: int = 16
+    text_pooling: str = "cls"
     decoder_bos_token_id: int = BERT_BASE_VOCAB_SIZE_WITH_DEC - 1
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
@@ -252,6 +258,8 @@ class AudioQFormerConfig(PreTrainedConfig):
         # The Q-Former's cross-attention reads BEATs tokens, and text runs through its text feed-forward path.
         self.qformer_config.encoder_hidden_size = self.audio_config.hidden_size
         self.qformer_config.use_qformer_text_input = True
+        if self.text_pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling must be 'cls' or 'mean', got {self.text_pooling!r}.")
         if self.decoder_bos_token_id >= self.qformer_config.vocab_size:
             raise ValueError(
                 f"decoder_bos_token_id ({self.decoder_bos_token_id}) is outside the Q-Former vocabulary "

