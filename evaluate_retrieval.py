@@ -90,7 +90,7 @@ def main(argv=None):
     rows = rows.filter(lambda row: row["key"] in cache, desc="Dropping unreadable clips")
     key_of = dict(zip(rows["audio_id"], rows["key"]))
 
-    _, rankings = evaluate_text_to_audio(
+    own_metrics, rankings = evaluate_text_to_audio(
         model, processor.tokenizer, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]),
         args.batch_size, args.rerank_top_k, show_progress=True,
     )  # fmt: skip
@@ -100,6 +100,9 @@ def main(argv=None):
     results = {system: {c: float(m[c]) for c in COLUMNS} for system, m in results.items()}
     chance = chance_metrics(len(key_of))
     print(format_table(name, results, chance, len(key_of), len(rows)))
+    audio_to_text = own_metrics["audio-to-text (ATC)"]
+    print("Audio-to-text (each clip a query, its captions relevant): "
+          + ", ".join(f"{k} {100 * v:.2f}" for k, v in audio_to_text.items()))  # fmt: skip
     if args.clotho_root and args.clotho_split == "evaluation":
         print("The report's Table 1 on the same split: "
               + "; ".join(f"{s}: mAP@10 {m['mAP@10']}, R@1 {m['R@1']}" for s, m in PAPER_TABLE_1.items()))  # fmt: skip
@@ -110,6 +113,7 @@ def main(argv=None):
         with open(args.output_json, "w") as handle:
             json.dump({"model": args.model, "evaluation_set": name, "clips": len(key_of), "queries": len(rows),
                        "rerank_top_k": args.rerank_top_k, "results": results, "chance": chance,
+                       "audio_to_text": audio_to_text,
                        "skipped": len(skipped) + len(failures), "seconds": round(seconds, 1)}, handle, indent=2)  # fmt: skip
     return results
 

@@ -190,11 +190,27 @@ def evaluate_text_to_audio(
             lambda ids: [arrays[i] for i in ids], top_k=rerank_top_k, batch_size=batch_size, show_progress=show_progress,
         )  # fmt: skip
     metrics = {name: metrics_from_ranks(ranks_in(ranking, targets)) for name, ranking in systems.items()}
+    metrics["audio-to-text (ATC)"] = audio_to_text_metrics(similarity.t(), targets)
     ranked_ids = {name: [[clips[i] for i in row] for row in ranking[:, :16].tolist()] for name, ranking in systems.items()}
     return metrics, ranked_ids
 
 
+def audio_to_text_metrics(similarity: torch.Tensor, caption_clips: torch.Tensor, recall_at=(1, 5, 10)) -> dict:
+    """
+    Audio-to-text R@k: the share of clips with one of their own captions among their k best-scored captions.
+    `similarity` is `(clips, captions)`, `caption_clips` the clip index of each caption; ties go to the lower index.
+    """
+    best_rank = torch.full((similarity.shape[0],), similarity.shape[1] + 1, dtype=torch.long)
+    rankings = rank_items(similarity)
+    for clip in range(similarity.shape[0]):
+        own = (caption_clips[rankings[clip]] == clip).nonzero()
+        if len(own):
+            best_rank[clip] = own[0, 0] + 1
+    return {f"R@{k}": (best_rank <= k).float().mean().item() for k in recall_at}
+
+
 __all__ = [
+    "audio_to_text_metrics",
     "evaluate_text_to_audio",
     "chance_metrics",
     "embed_cached_audio",

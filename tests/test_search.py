@@ -276,3 +276,15 @@ def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_pat
     assert [offset for offset, _ in rows] == list(np.cumsum([0] + [length for _, length in rows[:-1]]))
     assert resumed.embeddings.shard_array(0).shape[0] == sum(length for _, length in rows)
     assert [h.path for h in resumed.search(["a tone"], k=24)[0]] == [h.path for h in whole.search(["a tone"], k=24)[0]]
+
+
+def test_audio_to_text_metrics_by_hand():
+    from retrieval import audio_to_text_metrics
+
+    # 2 clips, 4 captions (clip of each: 0, 0, 1, 1). Clip 0 ranks captions 2, 0, ... -> its first own caption at rank 2;
+    # clip 1 ranks caption 1 first, then 3 -> rank 2 too; with ties (clip 1: captions 1 and 3 equal) the lower index wins.
+    similarity = torch.tensor([[0.5, 0.1, 0.9, 0.0], [0.2, 0.8, 0.1, 0.8]])
+    metrics = audio_to_text_metrics(similarity, torch.tensor([0, 0, 1, 1]), recall_at=(1, 2))
+    assert metrics == {"R@1": 0.0, "R@2": 1.0}
+    similarity[1, 3] = 0.9
+    assert audio_to_text_metrics(similarity, torch.tensor([0, 0, 1, 1]), recall_at=(1, 2)) == {"R@1": 0.5, "R@2": 1.0}
