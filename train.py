@@ -15,6 +15,7 @@ global micro-batch (all processes); gradient accumulation sums gradients over mi
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -124,6 +125,16 @@ def parse_args(argv=None):
         raise ValueError("--learning_rate and --max_train_steps must be positive.")
     return args
 
+
+
+class _DropTiedWeightNotice(logging.Filter):
+    """Accelerate warns at every checkpoint that it drops the tied caption-head weights; they are re-tied on load."""
+
+    def filter(self, record):
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
