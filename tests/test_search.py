@@ -288,3 +288,24 @@ def test_audio_to_text_metrics_by_hand():
     assert metrics == {"R@1": 0.0, "R@2": 1.0}
     similarity[1, 3] = 0.9
     assert audio_to_text_metrics(similarity, torch.tensor([0, 0, 1, 1]), recall_at=(1, 2)) == {"R@1": 0.5, "R@2": 1.0}
+
+
+def test_vector_index_search_matches_exact_and_follows_additions(saved_model, sounds, tmp_path):
+    pytest.importorskip("faiss")
+    folder = copy_of(sounds, tmp_path)
+    library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
+    library.index(str(folder), show_progress=False)
+    with pytest.raises(FileNotFoundError, match="no vector index"):
+        library.search(["a tone"], k=3, approximate=True)
+    assert len(library.vector_index(build=True)) == 6
+    texts = ["a rising chirp", "quiet hiss"]
+    exact = library.search(texts, k=4)
+    approximate = library.search(texts, k=4, approximate=True)
+    assert [[h.path for h in hits] for hits in approximate] == [[h.path for h in hits] for hits in exact]
+    # A file added later reaches the index on the next search; a deleted one drops out.
+    soundfile.write(folder / "g.wav", make_waveform(2.0, seed=9, kind="chirp"), 16000)
+    os.remove(folder / "a.wav")
+    library.index(str(folder), show_progress=False)
+    paths = {h.path for h in library.search(["a chirp"], k=10, approximate=True)[0]}
+    assert str(folder / "g.wav") in paths and str(folder / "a.wav") not in paths and len(paths) == 6
+    assert len(library.vector_index()) == 7
