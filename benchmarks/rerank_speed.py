@@ -23,14 +23,14 @@ from bench_utils import interleaved_timing, machine_info, median, print_machine,
 from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel  # noqa: E402
 from retrieval import rerank_with_matching_head  # noqa: E402
+from train import DEMO_BEATS  # noqa: E402
 
 
+# The report's sizes, and the demo preset's (train.py: its BEATs, MiniLM's first two layers, 16 queries).
 CONFIGS = {
     "paper": dict(),
-    "demo": dict(audio_config=dict(encoder_layers=4, encoder_embed_dim=384, encoder_ffn_embed_dim=1536,
-                                   encoder_attention_heads=6),
-                 qformer_config=dict(hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
-                                     intermediate_size=1536), num_query_tokens=16),  # fmt: skip
+    "demo": dict(audio_config=DEMO_BEATS, qformer_config=dict(hidden_size=384, num_hidden_layers=2,
+                 num_attention_heads=12, intermediate_size=1536), num_query_tokens=16),  # fmt: skip
 }
 
 

@@ -29,16 +29,8 @@ from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
 from feature_cache import build_cache, clip_key, crop_tokens  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel  # noqa: E402
 from processing_audio_qformer import BeatsFeatureExtractor  # noqa: E402
+from rerank_speed import CONFIGS  # noqa: E402
 from retrieval import pad_tokens  # noqa: E402
-
-
-CONFIGS = {
-    "paper": dict(),
-    "demo": dict(audio_config=dict(encoder_layers=4, encoder_embed_dim=384, encoder_ffn_embed_dim=1536,
-                                   encoder_attention_heads=6),
-                 qformer_config=dict(hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
-                                     intermediate_size=1536), num_query_tokens=16),  # fmt: skip
-}
 
 
 def main(argv=None):
