@@ -138,6 +138,7 @@ class AudioLibrary:
         embed_width = model.config.num_query_tokens * model.config.embed_dim
         self.embeddings = FeatureCache(directory, "embeddings", embed_width)
         self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
+        self._live = None
         files_path = os.path.join(directory, LIBRARY_FILES)
         self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
 
@@ -227,6 +228,7 @@ class AudioLibrary:
         flush()
         progress.close()
         self.files[root] = {path: keys[path] for path in paths if keys[path] in self.embeddings}
+        self._live = None
         _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
         if failed:
             with open(os.path.join(self.directory, "failures.jsonl"), "a") as handle:
@@ -240,7 +242,15 @@ class AudioLibrary:
     # --- searching ---------------------------------------------------------------------------------------------------
 
     def _live_windows(self):
-        """Rows of the windows of the files currently indexed, each row's file key, and the rows as (n, Q, D)."""
+        """
+        Rows of the windows of the files currently indexed, each row's file key, the rows as (n, Q, D) and the most
+        windows of a file; computed once per library state (`index` resets it).
+        """
+        if self._live is None:
+            self._live = self._find_live_windows()
+        return self._live
+
+    def _find_live_windows(self):
         keys = sorted({key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys()))
         if not keys:
             raise ValueError(f"The library {self.directory} holds no files yet: run `audio-qformer index DIR` first.")
@@ -254,7 +264,8 @@ class AudioLibrary:
         rows = np.asarray(rows)
         if len(rows) != array.shape[0] or not (rows == np.arange(len(rows))).all():
             array = array[rows]  # stale windows present: gather the live ones
-        return rows, owners, array.reshape(-1, queries, dim)
+        max_windows = max(len(self.embeddings.metadata(key)["starts"]) for key in keys)
+        return rows, owners, array.reshape(-1, queries, dim), max_windows
 
     def vector_index(self, build: bool = False):
         """
@@ -284,8 +295,7 @@ class AudioLibrary:
 
     def _top_files(self, query_embeds: torch.Tensor, k: int, exclude: set[str] = frozenset(), approximate=False):
         """Per query, the best `k` files as (key, window row, cosine), each file counted once (its best window)."""
-        rows, owners, array = self._live_windows()
-        max_windows = max(len(self.embeddings.metadata(key)["starts"]) for key in set(owners))
+        rows, owners, array, max_windows = self._live_windows()
         if approximate:  # the index covers every stored row, stale ones included: those are skipped below
             index = self.vector_index()
             limit = min(len(index), (k + len(exclude)) * max_windows + len(index) - len(rows))
