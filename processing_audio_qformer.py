@@ -5,7 +5,8 @@ BEATs (microsoft/unilm, `beats/BEATs.py`, `BEATs.preprocess`) scales a 16 kHz mo
 Kaldi-compatible log mel filter bank (128 bins, 25 ms frames every 10 ms, povey window, pre-emphasis 0.97, DC offset
 removed, no dither) and normalises it with a fixed mean and twice a fixed standard deviation. The official code calls
 `torchaudio.compliance.kaldi.fbank` clip by clip; here the same recipe is written with `transformers.audio_utils`
-(`mel_filter_bank(mel_scale="kaldi")`, `window_function("povey")`, `spectrogram`), which needs no torchaudio.
+(`mel_filter_bank(mel_scale="kaldi")`, `window_function("povey")`) and NumPy, framing and transforming all frames of a
+clip at once (`BeatsFeatureExtractor._log_mel`), which needs no torchaudio.
 """
 
 import warnings
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from transformers import BatchFeature, ProcessorMixin, SequenceFeatureExtractor
-from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+from transformers.audio_utils import mel_filter_bank, window_function
 from transformers.utils import TensorType, logging
 
 
@@ -153,6 +154,28 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
         num_samples = max(num_samples, self.min_num_samples())
         return 1 + (num_samples - self.frame_length) // self.hop_length
 
+    def _log_mel(self, waveform: np.ndarray) -> np.ndarray:
+        """
+        Kaldi log mel energies of every frame of `waveform`, shape `(frames, feature_size)`, float64.
+
+        The recipe of `transformers.audio_utils.spectrogram` with Kaldi's options (`center=False` for snip_edges, DC
+        offset removed, pre-emphasis inside the frame, povey window, power spectrum, mel filters, log with the float32
+        epsilon as floor), vectorised over frames: `spectrogram` runs one FFT per frame in a Python loop, which made
+        this extractor three times slower than kaldi-native-fbank.
+        """
+        # (frames, frame_length) view of the overlapping windows; the float64 copy is the working buffer.
+        frames = np.lib.stride_tricks.sliding_window_view(waveform, self.frame_length)[:: self.hop_length]
+        frames = np.multiply(frames, self.waveform_scale, dtype=np.float64)
+        frames -= frames.mean(axis=1, keepdims=True)
+        # Kaldi's pre-emphasis replicates the first sample: x[0] - p * x[0]. The right side is a temporary, so the
+        # in-place update reads the original samples.
+        frames[:, 1:] -= self.preemphasis * frames[:, :-1]
+        frames[:, 0] *= 1.0 - self.preemphasis
+        frames *= self.window
+        spectrum = np.fft.rfft(frames, n=self.fft_length)
+        power = np.square(spectrum.real) + np.square(spectrum.imag)
+        return np.log(np.maximum(power @ self.mel_filters, KALDI_LOG_FLOOR))
+
     def _fbank(self, waveform: np.ndarray) -> np.ndarray:
         """Normalised log mel fbank of one mono clip, shape `(frames, feature_size)`, float32."""
         shortfall = self.min_num_samples() - waveform.shape[0]
@@ -166,20 +189,7 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
             count = min(self.fbank_block_frames, num_frames - first)
             start = first * self.hop_length
             segment = waveform[start : start + self.frame_length + (count - 1) * self.hop_length]
-            log_mel = spectrogram(
-                segment.astype(np.float64) * self.waveform_scale,
-                self.window,
-                frame_length=self.frame_length,
-                hop_length=self.hop_length,
-                fft_length=self.fft_length,
-                power=2.0,
-                center=False,  # Kaldi's snip_edges: frames start at sample 0 and never run past the end
-                preemphasis=self.preemphasis,
-                mel_filters=self.mel_filters,
-                mel_floor=KALDI_LOG_FLOOR,
-                log_mel="log",
-                remove_dc_offset=True,
-            ).T
+            log_mel = self._log_mel(segment)
             blocks.append(((log_mel - self.fbank_mean) / (2 * self.fbank_std)).astype(np.float32))
         return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 

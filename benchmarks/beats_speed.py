@@ -1,0 +1,263 @@
+"""Speed of `BeatsModel` against the official BEATs code, on the same random weights and the same 10 s clips.
+
+    python benchmarks/beats_speed.py --unilm_beats_dir /path/to/unilm/beats [--json beats_speed.json]
+        [--batch_sizes 1 8] [--repeats 5] [--threads N] [--baseline_rev GIT_REV] [--skip_qformer]
+
+Builds the iter3+ AS2M architecture (768 wide, 12 layers) in the official code with random, non-trivial weights,
+saves it in the official checkpoint format and loads that file into `BeatsModel`, whose fast CPU copy
+(`BeatsModel.quantize_for_cpu`, bfloat16 matrix products) is timed too. Inputs are the fbank of 10 s clips from
+`BeatsFeatureExtractor`; ours is called as users call it (`model(**features)`, mask included), the official model gets
+the same fbank through `extract_features`. All sides run under `torch.inference_mode()`, interleaved in one process
+(see `bench_utils.interleaved_timing`); the table gives clips per second (median) and ratios.
+
+Accuracy: the largest absolute difference between ours and the official output; the per-token cosine similarity of
+the fast copy's tokens to the exact ones; and, unless `--skip_qformer`, the cosine of the Q-Former's audio embeddings
+(`AudioQFormerModel.from_components` with this encoder and the packaged MiniLM, random cross-attention) computed from
+the fast tokens against those computed from the exact tokens. `--baseline_rev` also times `BeatsModel` as it was at
+that git revision (e.g. the commit before an optimisation), for before/after ratios.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_utils import (  # noqa: E402
+    import_module_at_revision,
+    interleaved_timing,
+    machine_info,
+    median,
+    print_machine,
+    print_table,
+)
+from compare_beats_official import official_cfg, test_waveforms  # noqa: E402
+from configuration_audio_qformer import BeatsConfig  # noqa: E402
+from modeling_audio_qformer import AudioQFormerModel, BeatsModel  # noqa: E402
+from official_beats import (  # noqa: E402
+    build_official_model,
+    import_official_beats,
+    official_features,
+    save_official_checkpoint,
+)
+from processing_audio_qformer import BeatsFeatureExtractor  # noqa: E402
+
+
+# Goals of issue 7 for this benchmark.
+GOAL_EXACT_CLIPS_PER_SECOND = 1.2
+GOAL_EXACT_MAX_ABS_DIFF = 1e-4
+GOAL_FAST_SPEEDUP = 1.8
+GOAL_FAST_COSINE = 0.999
+
+
+def gflop_per_clip(config: BeatsConfig, num_frames: int, num_mel_bins: int = 128) -> float:
+    """Multiply-adds x 2 of one clip through BEATs (projections, attention, convolutions), in GFLOP."""
+    patch = config.input_patch_size
+    tokens = (num_frames // patch) * (num_mel_bins // patch)
+    width, ffn, heads = config.encoder_embed_dim, config.encoder_ffn_embed_dim, config.encoder_attention_heads
+    flops = tokens * patch * patch * config.embed_dim  # patch embedding
+    flops += tokens * config.embed_dim * width  # post_extract_proj
+    flops += tokens * width * (width // config.conv_pos_groups) * config.conv_pos  # positional convolution
+    per_layer = tokens * (4 * width * width + 2 * width * ffn)  # q, k, v, out, fc1, fc2
+    per_layer += 2 * tokens * tokens * width  # q k^T and attention x v
+    per_layer += tokens * heads * (width // heads) * 8  # relative-position gates
+    flops += config.encoder_layers * per_layer
+    return 2 * flops / 1e9
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--unilm_beats_dir", required=True, help="Path of the beats/ folder of microsoft/unilm.")
+    parser.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8], help="Batch sizes to time.")
+    parser.add_argument("--seconds", type=float, default=10.0, help="Length of every clip in seconds.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed calls per side and batch size (median).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the CPUs this process may use; on a machine shared with other jobs fewer "
+        "threads than cores can be faster).",
+    )
+    parser.add_argument(
+        "--baseline_rev",
+        default=None,
+        help="Also time BeatsModel from modeling_audio_qformer.py at this git revision (before/after ratios).",
+    )
+    parser.add_argument("--skip_qformer", action="store_true", help="Skip the Q-Former audio-embedding cosine.")
+    args = parser.parse_args()
+    if any(size < 1 for size in args.batch_sizes):
+        raise ValueError(f"--batch_sizes must be positive, got {args.batch_sizes}.")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}.")
+
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message=".*weight_norm.*")  # the official code's legacy weight norm
+    official = import_official_beats(args.unilm_beats_dir)
+    config = BeatsConfig()
+    cfg = official_cfg(config, official)
+    reference = build_official_model(official, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "BEATs_random_iter3_plus.pt")
+        save_official_checkpoint(reference, cfg, path)
+        ours = BeatsModel.from_original_checkpoint(path)
+        baseline = None
+        if args.baseline_rev:
+            module = import_module_at_revision(args.baseline_rev, "modeling_audio_qformer.py", "baseline_modeling")
+            baseline = module.BeatsModel.from_original_checkpoint(path)
+    fast = ours.quantize_for_cpu()
+    feature_extractor = BeatsFeatureExtractor()
+    waveforms = test_waveforms([args.seconds] * max(args.batch_sizes))
+
+    info = machine_info()
+    print_machine(info)
+    results = {"machine": info, "args": vars(args), "batches": {}}
+    exact_outputs = None
+    for batch_size in args.batch_sizes:
+        inputs = feature_extractor(waveforms[:batch_size], sampling_rate=16000, return_tensors="pt")
+        fbank = inputs["input_features"]
+        with torch.inference_mode():
+            exact = ours(**inputs)
+            theirs = official_features(reference, fbank)
+            fast_tokens = fast(**inputs).last_hidden_state
+            cosine = token_cosine(fast_tokens, exact.last_hidden_state)
+            row = {
+                "gflop_per_clip": gflop_per_clip(config, fbank.shape[1]),
+                "max_abs_diff_ours_vs_official": (exact.last_hidden_state - theirs).abs().max().item(),
+                "fast_token_cosine_min": cosine.min().item(),
+                "fast_token_cosine_mean": cosine.mean().item(),
+                "fast_max_abs_diff_vs_exact": (fast_tokens - exact.last_hidden_state).abs().max().item(),
+            }
+            sides = {
+                "official": lambda: official_features(reference, fbank),
+                "ours": lambda: ours(**inputs),
+                "ours_fast": lambda: fast(**inputs),
+            }
+            if baseline is not None:
+                row["max_abs_diff_ours_vs_baseline"] = (
+                    (baseline(**inputs).last_hidden_state - exact.last_hidden_state).abs().max().item()
+                )
+                sides["baseline"] = lambda: baseline(**inputs)
+            seconds = interleaved_timing(sides, args.repeats)
+        row["seconds"] = seconds
+        row["clips_per_second"] = {name: batch_size / median(values) for name, values in seconds.items()}
+        results["batches"][str(batch_size)] = row
+        if exact_outputs is None or batch_size > exact_outputs[0].shape[0]:
+            exact_outputs = (exact.last_hidden_state, exact.attention_mask, fast_tokens)
+        print(f"batch {batch_size}: " + ", ".join(f"{k} {v:.3f} clips/s" for k, v in row["clips_per_second"].items()))
+
+    if not args.skip_qformer:
+        results["qformer"] = qformer_cosine(ours, *exact_outputs)
+    info_after = machine_info()
+    results["load_average_after"] = info_after.get("load_average_1_5_15min")
+    report(results, baseline is not None)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+def qformer_cosine(ours: BeatsModel, exact_tokens, token_mask, fast_tokens) -> dict:
+    """Cosine of the Q-Former's audio embeddings from the fast tokens against those from the exact tokens."""
+    try:
+        torch.manual_seed(0)
+        model = AudioQFormerModel.from_components(ours).eval()
+    except ImportError as error:  # the packaged MiniLM is missing
+        return {"skipped": str(error)}
+    with torch.inference_mode():
+        exact = model.get_audio_features(audio_hidden_states=exact_tokens, audio_attention_mask=token_mask)
+        fast = model.get_audio_features(audio_hidden_states=fast_tokens, audio_attention_mask=token_mask)
+    cosine = token_cosine(fast.audio_embeds, exact.audio_embeds)  # (clips, queries)
+    results = {
+        "clips": exact_tokens.shape[0],
+        "audio_embeds_shape": list(exact.audio_embeds.shape),
+        "cosine_min": cosine.min().item(),
+        "cosine_mean": cosine.mean().item(),
+    }
+    if exact_tokens.shape[0] > 1:
+        # The scale of the measure: with random cross-attention, the embeddings of *different* clips are already
+        # close, so the change the fast tokens cause is also given as a fraction of the distance between clips.
+        embeds = exact.audio_embeds
+        others = embeds.roll(1, dims=0)
+        results["different_clips_cosine_mean"] = token_cosine(embeds, others).mean().item()
+        change = (fast.audio_embeds - embeds).norm(dim=-1).mean()
+        results["change_over_between_clip_distance"] = (change / (embeds - others).norm(dim=-1).mean()).item()
+    return results
+
+
+def report(results: dict, with_baseline: bool) -> None:
+    header = ["batch", "official clips/s", "ours clips/s", "ours / official", "fast clips/s", "fast / official"]
+    if with_baseline:
+        header += ["baseline clips/s", "ours / baseline"]
+    header += ["GFLOP/s ours", "max abs diff ours vs official", "fast tokens: 1 - cosine (max)"]
+    rows = []
+    goals = {"exact_speed": True, "exact_accuracy": True, "fast_speedup": True, "fast_cosine": True}
+    for batch_size, row in results["batches"].items():
+        speed = row["clips_per_second"]
+        line = [
+            batch_size,
+            f"{speed['official']:.3f}",
+            f"{speed['ours']:.3f}",
+            f"{speed['ours'] / speed['official']:.2f}x",
+            f"{speed['ours_fast']:.3f}",
+            f"{speed['ours_fast'] / speed['official']:.2f}x",
+        ]
+        if with_baseline:
+            line += [f"{speed['baseline']:.3f}", f"{speed['ours'] / speed['baseline']:.2f}x"]
+        line += [
+            f"{speed['ours'] * row['gflop_per_clip']:.0f}",
+            f"{row['max_abs_diff_ours_vs_official']:.1e}",
+            f"{1 - row['fast_token_cosine_min']:.1e}",
+        ]
+        rows.append(line)
+        goals["exact_speed"] &= speed["ours"] >= GOAL_EXACT_CLIPS_PER_SECOND
+        goals["exact_accuracy"] &= row["max_abs_diff_ours_vs_official"] < GOAL_EXACT_MAX_ABS_DIFF
+        goals["fast_speedup"] &= speed["ours_fast"] >= GOAL_FAST_SPEEDUP * speed["official"]
+    qformer = results.get("qformer", {})
+    if "cosine_min" in qformer:
+        goals["fast_cosine"] = qformer["cosine_min"] >= GOAL_FAST_COSINE
+        print(
+            f"Q-Former audio embeddings {qformer['audio_embeds_shape']}, fast vs exact tokens: cosine min "
+            f"{qformer['cosine_min']:.6f}, mean {qformer['cosine_mean']:.6f}"
+        )
+        if "different_clips_cosine_mean" in qformer:
+            print(
+                f"  for scale: different clips' embeddings have cosine {qformer['different_clips_cosine_mean']:.6f} "
+                f"(random cross-attention); the fast tokens move an embedding by "
+                f"{qformer['change_over_between_clip_distance']:.2e} of the distance between two clips"
+            )
+    else:
+        token_cosines = [row["fast_token_cosine_min"] for row in results["batches"].values()]
+        goals["fast_cosine"] = min(token_cosines) >= GOAL_FAST_COSINE
+    print_table(header, rows)
+    first = next(iter(results["batches"].values()))
+    print(f"GFLOP per clip: {first['gflop_per_clip']:.1f}; load average after: {results['load_average_after']}")
+    print(
+        f"goals: ours >= {GOAL_EXACT_CLIPS_PER_SECOND} clips/s at every batch size: {_met(goals['exact_speed'])}; "
+        f"max abs diff < {GOAL_EXACT_MAX_ABS_DIFF:g}: {_met(goals['exact_accuracy'])}; "
+        f"fast >= {GOAL_FAST_SPEEDUP}x official: {_met(goals['fast_speedup'])}; "
+        f"fast embedding cosine >= {GOAL_FAST_COSINE}: {_met(goals['fast_cosine'])}"
+    )
+    results["goals_met"] = goals
+
+
+def _met(flag: bool) -> str:
+    return "met" if flag else "NOT met"
+
+
+if __name__ == "__main__":
+    main()
