@@ -425,6 +425,8 @@ def main(argv=None):
     running = {}
     model.train()
     for epoch in range(start_epoch, num_epochs):
+        if completed_steps >= args.max_train_steps:  # resumed from the final checkpoint: nothing left to train
+            break
         train_dataset.epoch = epoch
         train_dataloader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_dataloader, skip_batches) if skip_batches else train_dataloader

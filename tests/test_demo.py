@@ -34,4 +34,6 @@ def test_demo_end_to_end_small(tmp_path):
                            capture_output=True, text=True, timeout=900)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 embedded, 12 already indexed" in again.stdout
+    steps = [json.loads(line)["step"] for line in (work / "model" / "train_log.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and "Done: 4 steps" in again.stdout  # the finished training is not stepped again
     assert json.loads((work / "table.json").read_text())["results"] == table["results"]
