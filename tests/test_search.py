@@ -238,16 +238,21 @@ def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_pat
         soundfile.write(folder / f"clip{i:02d}.wav", make_waveform(1.0 + (i % 5) * 0.7, seed=i), 16000)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
 
-    def index(library, kill_after=None):
+    def stored(library):
+        path = library / "embeddings" / "shard-0.jsonl"
+        return path.read_text().count("\n") if path.exists() else 0
+
+    def index(library, kill_when_stored=None, delay=0.0):
+        """Run `index`; with `kill_when_stored`, SIGKILL it `delay` s after that many files are stored."""
         command = [sys.executable, "audio_search.py", "--library", str(library), "index", str(folder),
                    "--model", saved_model, "--batch_size", "2"]  # fmt: skip
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        if kill_after is None:
+        if kill_when_stored is None:
             assert process.wait(timeout=300) == 0, process.stdout.read().decode()[-2000:]
             return True
-        deadline = time.monotonic() + kill_after
-        while time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.05)
+        while process.poll() is None and stored(library) < kill_when_stored:
+            time.sleep(0.01)
+        time.sleep(delay)
         finished = process.poll() is not None
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -257,8 +262,8 @@ def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_pat
     rng = random.Random(0)
     killed = tmp_path / "killed"
     kills = 0
-    for _ in range(4):
-        if index(killed, kill_after=rng.uniform(3.0, 9.0)):
+    for _ in range(4):  # each run is killed at a random point after a random number of stored files
+        if index(killed, kill_when_stored=stored(killed) + rng.randint(1, 5), delay=rng.uniform(0.0, 0.3)):
             break
         kills += 1
     index(killed)
