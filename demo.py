@@ -77,6 +77,8 @@ def main(argv=None):
 
     train = [
         python, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        # Accelerate gives each process one CPU thread unless told; one process may use them all.
+        "--num_cpu_threads_per_process", str(len(os.sched_getaffinity(0))),
         "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--preset", "demo",
         "--train_dir", os.path.join(data, "train"), "--validation_dir", os.path.join(data, "validation"),
         "--feature_cache_dir", os.path.join(work, "cache"), "--output_dir", model_dir,
