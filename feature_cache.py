@@ -155,6 +155,22 @@ class FeatureCache:
 
     # --- writing -----------------------------------------------------------------------------------------------------
 
+    def _open_for_writing(self, shard: int) -> int:
+        """
+        Cut off what a killed writer left half-written in a shard and return its length in rows, where writing goes
+        on. The index is replaced, not rewritten in place, so a writer killed here too keeps every complete entry.
+        """
+        data_path, index_path = self._shard_paths(shard)
+        entries, end = self._read_index(shard)
+        with open(data_path, "ab") as handle:
+            handle.truncate(end)
+        with open(index_path + ".tmp", "w") as handle:
+            handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(index_path + ".tmp", index_path)
+        return end // (2 * self.hidden_size)
+
     def append(self, items: list[tuple[str, np.ndarray, dict]], shard: int = 0):
         """
         Store arrays `(rows, hidden_size)` under their keys, with extra JSON fields kept in the entry (`metadata`).
@@ -163,12 +179,7 @@ class FeatureCache:
         """
         data_path, index_path = self._shard_paths(shard)
         if shard not in self._append_offsets:
-            entries, end = self._read_index(shard)
-            with open(data_path, "ab") as handle:
-                handle.truncate(end)
-            with open(index_path, "w") as handle:
-                handle.writelines(json.dumps(entry) + "\n" for entry in entries)
-            self._append_offsets[shard] = end // (2 * self.hidden_size)
+            self._append_offsets[shard] = self._open_for_writing(shard)
         offset, lines = self._append_offsets[shard], []
         with open(data_path, "ab") as data:
             for key, array, extra in items:
@@ -218,17 +229,7 @@ class FeatureCache:
         todo = [clip for clip in clips if clip["key"] not in self._entries]
         todo = list({clip["key"]: clip for clip in todo}.values())[process_index::num_processes]
         data_path, index_path = self._shard_paths(process_index)
-        entries, end = self._read_index(process_index)
-        # Cut off what a killed run left half-written, then append. The index is replaced, not rewritten in place, so
-        # a run killed here too keeps every complete entry.
-        with open(data_path, "ab") as handle:
-            handle.truncate(end)
-        with open(index_path + ".tmp", "w") as handle:
-            handle.writelines(json.dumps(entry) + "\n" for entry in entries)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(index_path + ".tmp", index_path)
-        offset = end // (2 * self.hidden_size)
+        offset = self._open_for_writing(process_index)
 
         failures, truncated = [], []
         max_samples = int(max_seconds * feature_extractor.sampling_rate)
