@@ -135,24 +135,28 @@ if torch.backends.mkldnn.is_available():
 
 class _BeatsLinear(nn.Linear):
     """
-    `nn.Linear` that runs float32 CPU inference (no autograd) through oneDNN instead of `F.linear`'s MKL sgemm: the
-    same float32 arithmetic (outputs differ by rounding, ~1e-5 on BEATs' output), 10-20% faster on the CPU measured
+    `nn.Linear` that runs CPU inference (no autograd) through oneDNN instead of `F.linear`'s MKL sgemm: the same
+    arithmetic (float32 outputs differ by rounding, ~1e-5 on BEATs' output), 10-20% faster on the CPU measured
     (`benchmarks/RESULTS.md`). Everything else (training, GPU, other dtypes) takes `F.linear`.
     """
+
+    def _onednn_weight(self) -> torch.Tensor:
+        return self.weight
 
     def _onednn(self, input: torch.Tensor, post_op: str, algorithm: str) -> torch.Tensor | None:
         global _ONEDNN_LINEAR
         if (
             _ONEDNN_LINEAR is None
             or input.device.type != "cpu"
-            or not input.dtype == self.weight.dtype == torch.float32
+            or input.dtype != self.weight.dtype
+            or input.dtype not in (torch.float32, torch.bfloat16)
             or not input.is_contiguous()
             or torch.is_grad_enabled()
         ):
             return None
         try:
-            return _ONEDNN_LINEAR(input, self.weight, self.bias, post_op, [], algorithm)
-        except RuntimeError as error:  # a torch build whose private op differs: use the public path from now on
+            return _ONEDNN_LINEAR(input, self._onednn_weight(), self.bias, post_op, [], algorithm)
+        except RuntimeError as error:  # a torch build whose private ops differ: use the public path from now on
             logger.warning_once(f"oneDNN linear unavailable ({error}); BEATs uses torch.nn.functional.linear.")
             _ONEDNN_LINEAR = None
             return None
@@ -171,16 +175,38 @@ class _BeatsLinear(nn.Linear):
         return F.gelu(F.linear(input, self.weight, self.bias)) if output is None else output
 
 
-class _ReducedPrecisionLinear(nn.Linear):
+class _ReducedPrecisionLinear(_BeatsLinear):
     """
     A linear layer whose weight is stored in a reduced precision (bfloat16), for `BeatsModel.quantize_for_cpu`. Its
     input is cast to the weight's dtype and its output stays in it, so that consecutive products (q/k/v then
     attention, fc1 then GELU then fc2) need no casts; adding the output to a float32 residual promotes the sum back to
     float32.
+
+    For oneDNN it also keeps the weight in oneDNN's own blocked layout, built on first use and rebuilt if the weight
+    changes: given the plain weight, oneDNN reorders it on every call, and BEATs' bfloat16 products ran 6-10% faster
+    without that (`benchmarks/RESULTS.md`). The packed copy is an opaque tensor that can be neither copied nor
+    pickled, so copies of the module leave it out and build their own.
     """
 
+    def _onednn_weight(self) -> torch.Tensor:
+        # Inference tensors (weights copied under `torch.inference_mode`) keep no version counter.
+        key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
+        if self.__dict__.get("_packed_key") != key:
+            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+            self._packed_key = key
+        return self._packed_weight
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_packed_weight", None)
+        state.pop("_packed_key", None)
+        return state
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input.to(self.weight.dtype), self.weight, self.bias)
+        return super().forward(input.to(self.weight.dtype))
+
+    def forward_gelu(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward_gelu(input.to(self.weight.dtype))
 
 
 class _ReducedPrecisionConv1d(nn.Conv1d):
@@ -188,6 +214,45 @@ class _ReducedPrecisionConv1d(nn.Conv1d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input.to(self.weight.dtype), self.weight, self.bias)
+
+
+def attention_by_products(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_bias: torch.Tensor | None = None,
+    overwrite_bias: bool = False,
+) -> torch.Tensor:
+    """
+    `softmax(query key^T / sqrt(head_dim) + attn_bias) value` as two batched matrix products and a softmax, all in the
+    inputs' dtype: the attention of `F.scaled_dot_product_attention` without dropout. `attn_bias` broadcasts to
+    `(batch, heads, length, key_length)`. With `overwrite_bias`, `attn_bias` (then of exactly that shape, contiguous,
+    in the query's dtype) receives the scores: BEATs passes its per-layer scratch buffer, which saves allocating 6 MB
+    per layer and clip.
+
+    Why: in bfloat16 on the CPU measured, SDPA's flash kernel took 5.9 ms per BEATs layer and clip (no faster than in
+    float32), these products 3.2 ms; in float32 SDPA is the faster one, so only bfloat16 CPU inference uses this.
+    """
+    batch, heads, length, head_dim = query.shape
+    key_length = key.shape[-2]
+    scores_shape = (batch, heads, length, key_length)
+    if overwrite_bias:
+        if attn_bias is None or attn_bias.shape != scores_shape or attn_bias.dtype != query.dtype:
+            raise ValueError(f"overwrite_bias needs a {query.dtype} bias of shape {scores_shape}")
+        scores = attn_bias
+    else:
+        scores = query.new_empty(scores_shape)
+        if attn_bias is not None:
+            scores.copy_(attn_bias.expand(scores_shape))
+    flat_scores = scores.view(batch * heads, length, key_length)  # a view: the scores land in `scores`
+    flat_scores.baddbmm_(
+        query.reshape(batch * heads, length, head_dim),
+        key.reshape(batch * heads, key_length, head_dim).transpose(1, 2),
+        beta=0.0 if attn_bias is None else 1.0,  # beta 0 ignores the uninitialised scores
+        alpha=head_dim**-0.5,
+    )
+    output = torch.bmm(flat_scores.softmax(-1), value.reshape(batch * heads, key_length, head_dim))
+    return output.view(batch, heads, length, head_dim)
 
 
 # Modules `BeatsModel.quantize_for_cpu` converts, and what they become (same parameters, another forward).
@@ -258,9 +323,19 @@ class BeatsAttention(nn.Module):
         if attn_bias is not None:
             attn_bias = attn_bias.to(query.dtype)
 
-        attn_output = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
-        )
+        if query.dtype == torch.bfloat16 and query.device.type == "cpu" and not torch.is_grad_enabled():
+            # The fast CPU copy (`BeatsModel.quantize_for_cpu`): explicit products beat SDPA's flash kernel in bfloat16.
+            # Where this layer's bias was written into the per-pass buffer, the scores may overwrite it.
+            in_buffer = (
+                attn_bias is not None
+                and attn_bias_buffer is not None
+                and attn_bias.data_ptr() == attn_bias_buffer.data_ptr()
+            )
+            attn_output = attention_by_products(query, key, value, attn_bias, overwrite_bias=in_buffer)
+        else:
+            attn_output = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
+            )
         attn_output = attn_output.transpose(1, 2).reshape(batch_size, length, width)
         return self.out_proj(attn_output)
 
@@ -528,13 +603,14 @@ class BeatsModel(BeatsPreTrainedModel):
         and stays the exact (float32) reference.
 
         In the copy, the positional convolution and every linear layer of the transformer layers (query, key, value
-        and output projections, the relative-position gates, the feed-forward) hold bfloat16 weights, and these
-        products and the attention run in bfloat16 with float32 accumulation. The patch embedding, the residual sums
-        and the layer norms stay in float32, and the output is float32.
+        and output projections, the relative-position gates, the feed-forward) hold bfloat16 weights (in oneDNN's
+        packed layout as well), and these products and the attention run in bfloat16 with float32 accumulation; the
+        attention as explicit products (`attention_by_products`), which beat SDPA's kernel in bfloat16 on the CPU. The
+        patch embedding, the residual sums and the layer norms stay in float32, and the output is float32.
 
         On a CPU with bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4 and later, Intel Cooper Lake, Sapphire
-        Rapids and later) the copy ran 1.3-1.6x as fast as the float32 model and 1.9-2.4x as fast as the official code
-        (`benchmarks/RESULTS.md`); without them bfloat16 is emulated and can be slower. With random iter3+ weights and
+        Rapids and later) the copy ran 1.5-1.7x as fast as the float32 model and 2.2-2.7x as fast as the official code
+        (`benchmarks/RESULTS.md`, 2 cores); without them bfloat16 is emulated and can be slower. With random iter3+ weights and
         10 s clips, its tokens kept a cosine similarity above 0.99999 to the exact ones (above 0.9998 for random-noise
         fbank input), and so did the Q-Former's audio embeddings computed from them; `benchmarks/beats_speed.py`
         measures both. Check the cosine on your own data before indexing with it. int8 dynamic quantization

@@ -14,7 +14,8 @@ Accuracy: the largest absolute difference between ours and the official output; 
 the fast copy's tokens to the exact ones; and, unless `--skip_qformer`, the cosine of the Q-Former's audio embeddings
 (`AudioQFormerModel.from_components` with this encoder and the packaged MiniLM, random cross-attention) computed from
 the fast tokens against those computed from the exact tokens. `--baseline_rev` also times `BeatsModel` as it was at
-that git revision (e.g. the commit before an optimisation), for before/after ratios.
+that git revision (e.g. the commit before an optimisation), and its fast copy where it had one, for before/after
+ratios.
 """
 
 import argparse
@@ -121,6 +122,8 @@ def main():
             module = import_module_at_revision(args.baseline_rev, "modeling_audio_qformer.py", "baseline_modeling")
             baseline = module.BeatsModel.from_original_checkpoint(path)
     fast = ours.quantize_for_cpu()
+    # The baseline revision's fast copy too, where it had one: before/after ratios of the fast mode.
+    baseline_fast = baseline.quantize_for_cpu() if hasattr(baseline, "quantize_for_cpu") else None
     feature_extractor = BeatsFeatureExtractor()
     waveforms = test_waveforms([args.seconds] * max(args.batch_sizes))
 
@@ -153,6 +156,8 @@ def main():
                     (baseline(**inputs).last_hidden_state - exact.last_hidden_state).abs().max().item()
                 )
                 sides["baseline"] = lambda: baseline(**inputs)
+                if baseline_fast is not None:
+                    sides["baseline_fast"] = lambda: baseline_fast(**inputs)
             seconds = interleaved_timing(sides, args.repeats)
         row["seconds"] = seconds
         row["clips_per_second"] = {name: batch_size / median(values) for name, values in seconds.items()}
@@ -203,6 +208,8 @@ def report(results: dict, with_baseline: bool) -> None:
     header = ["batch", "official clips/s", "ours clips/s", "ours / official", "fast clips/s", "fast / official"]
     if with_baseline:
         header += ["baseline clips/s", "ours / baseline"]
+        if any("baseline_fast" in row["clips_per_second"] for row in results["batches"].values()):
+            header += ["baseline fast clips/s", "fast / baseline fast"]
     header += ["GFLOP/s ours", "max abs diff ours vs official", "fast tokens: 1 - cosine (max)"]
     rows = []
     goals = {"exact_speed": True, "exact_accuracy": True, "fast_speedup": True, "fast_cosine": True}
@@ -218,6 +225,8 @@ def report(results: dict, with_baseline: bool) -> None:
         ]
         if with_baseline:
             line += [f"{speed['baseline']:.3f}", f"{speed['ours'] / speed['baseline']:.2f}x"]
+            if "baseline_fast" in speed:
+                line += [f"{speed['baseline_fast']:.3f}", f"{speed['ours_fast'] / speed['baseline_fast']:.2f}x"]
         line += [
             f"{speed['ours'] * row['gflop_per_clip']:.0f}",
             f"{row['max_abs_diff_ours_vs_official']:.1e}",

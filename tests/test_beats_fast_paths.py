@@ -107,6 +107,72 @@ def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inpu
     assert (quick.last_hidden_state - before.last_hidden_state).abs().max() > 1e-4
 
 
+def test_fast_copy_survives_copying_and_pickling(medium_model, padded_inputs):
+    # The copy's linear layers keep oneDNN's packed weights, opaque tensors that cannot be copied: copies rebuild them.
+    import copy
+    import pickle
+
+    import modeling_audio_qformer
+
+    onednn_before = modeling_audio_qformer._ONEDNN_LINEAR
+    fast = medium_model.quantize_for_cpu()
+    with torch.inference_mode():
+        first = fast(**padded_inputs).last_hidden_state
+        copied = copy.deepcopy(fast)
+        unpickled = pickle.loads(pickle.dumps(fast))
+        assert torch.equal(copied(**padded_inputs).last_hidden_state, first)
+        assert torch.equal(unpickled(**padded_inputs).last_hidden_state, first)
+        # A changed weight is packed again rather than served stale.
+        fc1 = fast.encoder.layers[0].fc1
+        fc1.weight.mul_(0.5)
+        assert not torch.equal(fast(**padded_inputs).last_hidden_state, first)
+        fc1.weight.mul_(2.0)  # exact in bfloat16 (a power of two)
+        assert torch.equal(fast(**padded_inputs).last_hidden_state, first)
+    # and none of this made the fast path give up oneDNN (a failure there falls back to F.linear for good)
+    assert modeling_audio_qformer._ONEDNN_LINEAR is onednn_before
+
+
+def test_reduced_precision_linear_equals_f_linear_in_bfloat16():
+    import modeling_audio_qformer
+
+    torch.manual_seed(0)
+    linear = modeling_audio_qformer._BeatsLinear(64, 96).to(torch.bfloat16)
+    linear.__class__ = modeling_audio_qformer._ReducedPrecisionLinear
+    x = torch.randn(2, 9, 64)
+    with torch.inference_mode():
+        output, fused = linear(x), linear.forward_gelu(x)
+        reference = F.linear(x.bfloat16(), linear.weight, linear.bias)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), reference.float(), atol=2e-2, rtol=1e-2)  # bfloat16 rounding
+    torch.testing.assert_close(fused.float(), F.gelu(reference.float()), atol=2e-2, rtol=1e-2)
+    if modeling_audio_qformer._ONEDNN_LINEAR is not None:
+        assert linear.__dict__.get("_packed_weight") is not None  # the oneDNN path ran, with the packed weight
+
+
+@pytest.mark.parametrize("bias", ["none", "broadcast", "full", "overwrite"])
+def test_attention_by_products_equals_sdpa(bias):
+    from modeling_audio_qformer import attention_by_products
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
+    attn_bias = {
+        "none": None,
+        "broadcast": torch.randn(1, 3, 7, 5),
+        "full": torch.randn(2, 3, 7, 5),
+        "overwrite": torch.randn(2, 3, 7, 5),
+    }[bias]
+    original = None if attn_bias is None else attn_bias.clone()
+    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias)
+    ours = attention_by_products(query, key, value, attn_bias, overwrite_bias=bias == "overwrite")
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    if bias == "overwrite":  # the scratch bias now holds the scores
+        assert not torch.equal(attn_bias, original)
+    elif attn_bias is not None:  # a bias it may not overwrite is left alone
+        assert torch.equal(attn_bias, original)
+    with pytest.raises(ValueError, match="overwrite_bias"):
+        attention_by_products(query, key, value, torch.zeros(1, 3, 7, 5), overwrite_bias=True)
+
+
 @pytest.mark.parametrize("kind", ["mix", "chirp", "quiet"])
 def test_vectorised_fbank_equals_transformers_spectrogram(kind):
     # The extractor computed its fbank with transformers' `spectrogram` (one FFT per frame) before it was vectorised.

@@ -165,6 +165,34 @@ def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer)
         AudioLibrary.load(str(tmp_path / "nowhere"))
 
 
+def test_fast_cpu_library_embeds_with_the_bfloat16_encoder(saved_model, sounds, tmp_path):
+    # `--fast_cpu`: the library records the setting and embeds every clip (and every `similar` query) with BEATs'
+    # bfloat16 copy: close to the exact embeddings, yet not them.
+    from audio_text_data import load_audio
+
+    exact = AudioLibrary(str(tmp_path / "exact"), *load_model(saved_model), saved_model, create=True)
+    fast_dir = str(tmp_path / "fast")
+    AudioLibrary(fast_dir, *load_model(saved_model), saved_model, create=True, fast_cpu_encoder=True)
+    fast = AudioLibrary.load(fast_dir)  # the setting comes back from library.json
+    assert fast.config["fast_cpu_encoder"] is True and exact.config["fast_cpu_encoder"] is False
+    waveforms = [load_audio(str(p)) for p in sorted(sounds.rglob("*.wav"))]
+    exact_embeds, exact_tokens = exact.embed_waveforms(waveforms)
+    fast_embeds, fast_tokens = fast.embed_waveforms(waveforms)
+    cosine = torch.nn.functional.cosine_similarity(fast_embeds, exact_embeds, dim=-1)
+    assert cosine.min() >= 0.999, cosine.min()
+    assert not torch.equal(fast_embeds, exact_embeds)
+    assert [t.shape for t in fast_tokens] == [t.shape for t in exact_tokens]
+    fast.index(str(sounds), show_progress=False)
+    assert fast.search(["a rising chirp"], k=3)[0][0].path  # searchable as usual
+
+    folder = copy_of(sounds, tmp_path)
+    assert main(["--library", str(tmp_path / "cli"), "index", str(folder), "--model", saved_model, "--fast_cpu"]) == 0
+    assert json.load(open(tmp_path / "cli" / "library.json"))["fast_cpu_encoder"] is True
+    exact.index(str(sounds), show_progress=False)
+    with pytest.raises(SystemExit):  # an exact library stays exact
+        main(["--library", str(tmp_path / "exact"), "index", str(folder), "--fast_cpu"])
+
+
 def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys):
     folder = copy_of(sounds, tmp_path)
     (folder / "notes.wav").write_text("this is a text file, not audio")
