@@ -59,14 +59,22 @@ def embed_texts(model, tokenizer, captions: list[str], batch_size: int = 256, ma
     return torch.cat(outputs)
 
 
-def pad_tokens(arrays: list[np.ndarray], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """BEATs token arrays `(tokens_i, hidden)` as one zero-padded float32 batch `(n, length, hidden)` and its mask."""
-    length = length or max(a.shape[0] for a in arrays)
-    states = torch.zeros(len(arrays), length, arrays[0].shape[1])
-    mask = torch.zeros(len(arrays), length, dtype=torch.long)
-    for i, array in enumerate(arrays):
-        states[i, : array.shape[0]] = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        mask[i, : array.shape[0]] = 1
+def pad_tokens(arrays: list, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    BEATs token arrays `(tokens_i, hidden)` (NumPy arrays or tensors, any float dtype) as one zero-padded float32 batch
+    `(n, length, hidden)` and its mask, on the device of the first array: tokens already on a GPU stay there.
+    """
+    tensors = [
+        array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array, dtype=np.float32))
+        for array in arrays
+    ]
+    length = length or max(t.shape[0] for t in tensors)
+    device = tensors[0].device
+    states = torch.zeros(len(tensors), length, tensors[0].shape[1], device=device)
+    mask = torch.zeros(len(tensors), length, dtype=torch.long, device=device)
+    for i, tensor in enumerate(tensors):
+        states[i, : tensor.shape[0]] = tensor
+        mask[i, : tensor.shape[0]] = 1
     return states, mask
 
 

@@ -29,8 +29,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
-    """CPU model, cores, library versions, torch threads and the load average when called."""
+def machine_info(device=None) -> dict:
+    """CPU model, cores, library versions, torch threads and the load average when called; the GPU's name if `device`
+    is a CUDA device."""
     import numpy as np
     import torch
 
@@ -50,6 +51,8 @@ def machine_info() -> dict:
             info[name] = os.environ[name]
     if hasattr(os, "getloadavg"):
         info["load_average_1_5_15min"] = [round(value, 2) for value in os.getloadavg()]
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
     return info
 
 
@@ -60,6 +63,8 @@ def print_machine(info: dict) -> None:
         f"load average {info.get('load_average_1_5_15min')}"
         + "".join(f", {name}={info[name]}" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS") if name in info)
     )
+    if "gpu" in info:
+        print(f"GPU: {info['gpu']}")
 
 
 def interleaved_timing(

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,3 +251,17 @@ def test_loads_offline_from_any_directory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     # Relevant at rank 2 and missing: AP@16 = (1/2) / 2.
     assert out.stdout.strip().splitlines()[-1] == '{"mAP@16": 0.25}'
+
+
+def test_pad_tokens_takes_arrays_and_tensors_alike():
+    from retrieval import pad_tokens
+
+    ragged = [np.arange(6, dtype=np.float16).reshape(3, 2), np.ones((1, 2), dtype=np.float32)]
+    states, mask = pad_tokens(ragged)
+    expected = torch.tensor([[[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]], [[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]])
+    assert states.dtype == torch.float32 and torch.equal(states, expected)
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    # Tensors (e.g. tokens kept on a GPU for a large evaluation) give the same batch, on their own device.
+    from_tensors, tensor_mask = pad_tokens([torch.from_numpy(a) for a in ragged], length=4)
+    assert torch.equal(from_tensors[:, :3], expected) and not from_tensors[:, 3].any()
+    assert tensor_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
