@@ -34,24 +34,10 @@ from bench_utils import (  # noqa: E402
 )
 from compare_beats_official import test_waveforms  # noqa: E402
 from processing_audio_qformer import BeatsFeatureExtractor  # noqa: E402
+from references import kaldi_native_fbank  # noqa: E402
 
 
 COMPARISON_BINS = 80  # the most kaldi-native-fbank accepts here; see the module docstring
-
-
-def kaldi_native_fbank(waveform: np.ndarray, num_bins: int) -> np.ndarray:
-    """Kaldi's log mel fbank with BEATs' settings, computed by kaldi-native-fbank (as in the tests)."""
-    import kaldi_native_fbank as knf
-
-    options = knf.FbankOptions()
-    options.frame_opts.samp_freq = 16000
-    options.frame_opts.dither = 0.0
-    options.frame_opts.snip_edges = True
-    options.mel_opts.num_bins = num_bins
-    fbank = knf.OnlineFbank(options)
-    fbank.accept_waveform(16000, waveform * 32768.0)
-    fbank.input_finished()
-    return np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)])
 
 
 def main():

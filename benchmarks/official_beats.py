@@ -11,6 +11,7 @@ import sys
 import types
 
 import torch
+from references import randomize_beats_parameters
 
 
 def import_official_beats(beats_dir: str):
@@ -41,20 +42,7 @@ def build_official_model(official, cfg: dict, seed: int = 0):
     """An official `BEATs` model for `cfg` whose every parameter is random and non-trivial, in eval mode."""
     torch.manual_seed(seed)
     model = official.BEATs(official.BEATsConfig(cfg))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("weight_g"):
-                param.uniform_(0.5, 1.5)
-            elif name.endswith("grep_a"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif "relative_attention_bias" in name:
-                param.normal_(0.0, 1.0)
-            elif "grep_linear.weight" in name:
-                param.normal_(0.0, 0.3)
-            elif "layer_norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
+    randomize_beats_parameters(model)
     return model.eval()
 
 

@@ -9,6 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# Reference implementations shared with the benchmarks (`benchmarks/references.py`).
+if os.path.join(ROOT, "benchmarks") not in sys.path:
+    sys.path.append(os.path.join(ROOT, "benchmarks"))
 
 
 def make_waveform(seconds: float, seed: int = 0, kind: str = "mix") -> np.ndarray:

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_waveform
+from references import randomize_beats_parameters
 from transformers.audio_utils import spectrogram
 
 from configuration_audio_qformer import BeatsConfig
@@ -30,20 +31,7 @@ MEDIUM_BEATS = dict(
 def medium_model():
     torch.manual_seed(0)
     model = BeatsModel(BeatsConfig(**MEDIUM_BEATS)).eval()
-    # Non-trivial gates, relative-position table, biases and norms, as `benchmarks/official_beats.py` sets them.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("grep_a"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif "relative_attention_bias" in name:
-                param.normal_(0.0, 1.0)
-            elif "grep_linear.weight" in name:
-                param.normal_(0.0, 0.3)
-            elif "layer_norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
-    return model
+    return randomize_beats_parameters(model)
 
 
 @pytest.fixture(scope="module")

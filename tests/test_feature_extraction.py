@@ -3,28 +3,15 @@
 import json
 import os
 
-import kaldi_native_fbank as knf
 import numpy as np
 import pytest
 import torch
 from conftest import make_waveform
+from references import kaldi_native_fbank
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from processing_audio_qformer import BeatsFeatureExtractor
-
-
-def kaldi_native_fbank(waveform: np.ndarray, num_bins: int) -> np.ndarray:
-    """Kaldi's log mel fbank (BEATs' settings) computed by kaldi-native-fbank, a C++ port of Kaldi."""
-    options = knf.FbankOptions()
-    options.frame_opts.samp_freq = 16000
-    options.frame_opts.dither = 0.0
-    options.frame_opts.snip_edges = True
-    options.mel_opts.num_bins = num_bins
-    fbank = knf.OnlineFbank(options)
-    fbank.accept_waveform(16000, (waveform * 32768.0).tolist())
-    fbank.input_finished()
-    return np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)])
 
 
 @pytest.mark.parametrize("kind", ["mix", "chirp", "quiet"])
