@@ -1044,7 +1044,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         never see it, so their outputs are the same with or without a text; otherwise (the matching mask) queries and
         text see each other. Returns the full sequence output.
         """
-        batch_size = audio_hidden_states.shape[0]
+        # One clip may go with several texts (`get_audio_text_matching_logits`): its keys and values broadcast.
+        batch_size = audio_hidden_states.shape[0] if input_ids is None else input_ids.shape[0]
         queries = self.query_tokens.expand(batch_size, -1, -1)
         num_queries = queries.shape[1]
         embeddings = self.embeddings(input_ids=input_ids, query_embeds=queries)
@@ -1070,7 +1071,9 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             query_length=num_queries,
             attention_mask=mask,
             encoder_hidden_states=self.audio_layernorm(audio_hidden_states),
-            encoder_attention_mask=self._cross_attention_mask(queries, audio_hidden_states, audio_attention_mask),
+            encoder_attention_mask=self._cross_attention_mask(
+                queries[: audio_hidden_states.shape[0]], audio_hidden_states, audio_attention_mask
+            ),
             return_dict=True,
         ).last_hidden_state
 
@@ -1166,13 +1169,18 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         No-match / match logits `(batch, 2)` of paired clips and captions: queries and caption in one bidirectional
         sequence, queries reading the audio; the matching head's logits averaged over the query outputs. The
         re-ranking score is the match logit, `[:, 1]`.
+
+        One clip against several texts may be passed as a batch of one clip: the keys and values of its audio tokens
+        (the cross-attention's largest products) are then computed once for all the texts (transformers' Q-Former
+        broadcasts them), the same logits as with the clip repeated.
         """
         audio_hidden_states, audio_attention_mask = self._audio_inputs(
             input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
         )
-        if audio_hidden_states.shape[0] != input_ids.shape[0]:
+        if audio_hidden_states.shape[0] not in (1, input_ids.shape[0]):
             raise ValueError(
-                f"Audio-text matching scores pairs: got {audio_hidden_states.shape[0]} clips and {input_ids.shape[0]} texts."
+                f"Audio-text matching scores pairs (or one clip against several texts): got "
+                f"{audio_hidden_states.shape[0]} clips and {input_ids.shape[0]} texts."
             )
         sequence_output = self._query_pass(
             audio_hidden_states, audio_attention_mask, input_ids, attention_mask, causal_text=False

@@ -131,23 +131,35 @@ def rerank_with_matching_head(
 
     `candidates` `(queries, k)` are item ids (a query's top k, best first), `cosines` their contrastive scores,
     `input_ids`/`attention_mask` `(queries, length)` the tokenised queries, and `audio_tokens(ids)` returns the BEATs
-    tokens of those items as a list of arrays. All (query, candidate) pairs are scored in batches of `batch_size`
-    pairs. Returns the candidates in their new order and their scores; ties keep the contrastive order.
+    tokens of those items as a list of arrays (or tensors). Returns the candidates in their new order and their
+    scores; ties keep the contrastive order.
+
+    An item that several queries share (an evaluation with many queries) is scored against up to `batch_size` of
+    its queries in one forward, its audio given once, so that its cross-attention keys and values are computed once
+    (1.5x faster per pair at the report's sizes); the other pairs go `batch_size` pairs per forward.
     """
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     pairs = [(q, int(item)) for q in range(candidates.shape[0]) for item in candidates[q]]
+    pairs_of_item: dict[int, list[int]] = {}
+    for index, (_, item) in enumerate(pairs):
+        pairs_of_item.setdefault(item, []).append(index)
+    # Work units: (pair indices, whether they share one item).
+    units = [(group[start : start + batch_size], True) for group in pairs_of_item.values() if len(group) > 1
+             for start in range(0, len(group), batch_size)]  # fmt: skip
+    alone = [group[0] for group in pairs_of_item.values() if len(group) == 1]
+    units += [(alone[start : start + batch_size], False) for start in range(0, len(alone), batch_size)]
     match_logits = torch.empty(len(pairs))
-    for start in tqdm(range(0, len(pairs), batch_size), desc="Re-ranking", unit="batch", disable=not show_progress):
-        chunk = pairs[start : start + batch_size]
-        queries = torch.tensor([q for q, _ in chunk])
-        states, mask = pad_tokens(audio_tokens([item for _, item in chunk]))
+    for indices, shared in tqdm(units, desc="Re-ranking", unit="batch", disable=not show_progress):
+        queries = torch.tensor([pairs[i][0] for i in indices])
+        items = [pairs[i][1] for i in indices[:1]] if shared else [pairs[i][1] for i in indices]
+        states, mask = pad_tokens(audio_tokens(items))
         logits = model.get_audio_text_matching_logits(
             input_ids=input_ids[queries].to(device), attention_mask=attention_mask[queries].to(device),
             audio_hidden_states=states.to(device), audio_attention_mask=mask.to(device),
         )  # fmt: skip
-        match_logits[start : start + len(chunk)] = logits[:, 1].float().cpu()
+        match_logits[torch.tensor(indices)] = logits[:, 1].float().cpu()
     scores = match_logits.view(candidates.shape) + cosines.float()
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     return candidates.gather(1, order), scores.gather(1, order)

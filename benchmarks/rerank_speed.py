@@ -48,10 +48,13 @@ def main(argv=None):
     model = AudioQFormerModel(AudioQFormerConfig(**CONFIGS[args.config])).eval()
     hidden = model.config.audio_config.hidden_size
     rng = np.random.default_rng(0)
-    tokens = [rng.standard_normal((args.audio_tokens, hidden)).astype(np.float16) for _ in range(args.top_k)]
+    # Every query has its own candidates (as separate searches do), so no clip is shared between queries and the
+    # batched side is one forward of `top_k` pairs per query (shared clips take another path; clotho_scale_eval.py).
+    tokens = [rng.standard_normal((args.audio_tokens, hidden)).astype(np.float16)
+              for _ in range(args.top_k * args.queries)]  # fmt: skip
     input_ids = torch.randint(1000, 2000, (args.queries, 12))
     attention_mask = torch.ones_like(input_ids)
-    candidates = torch.arange(args.top_k).repeat(args.queries, 1)
+    candidates = torch.arange(args.top_k * args.queries).view(args.queries, args.top_k)
     cosines = torch.rand(args.queries, args.top_k)
 
     def batched():

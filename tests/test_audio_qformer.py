@@ -500,3 +500,55 @@ def test_text_pooling_mean_ignores_padding_and_cls_is_default(processor):
     torch.testing.assert_close(two.text_embeds[0], one.text_embeds[0], atol=1e-5, rtol=1e-5)
     expected = F.normalize(model.text_projection(one.last_hidden_state.mean(1)), dim=-1)
     torch.testing.assert_close(one.text_embeds, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_one_clip_against_several_texts_equals_the_clip_repeated(tiny_model, processor):
+    torch.manual_seed(3)
+    states = torch.randn(1, 20, 32)
+    mask = torch.ones(1, 20, dtype=torch.long)
+    mask[:, 15:] = 0  # a padded clip: the broadcast mask must still hide the padding
+    texts = processor.tokenizer(["a dog barks", "rain", "a door slams shut twice"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        once = tiny_model.get_audio_text_matching_logits(
+            texts["input_ids"], texts["attention_mask"], audio_hidden_states=states, audio_attention_mask=mask
+        )
+        repeated = tiny_model.get_audio_text_matching_logits(
+            texts["input_ids"], texts["attention_mask"],
+            audio_hidden_states=states.expand(3, -1, -1), audio_attention_mask=mask.expand(3, -1),
+        )  # fmt: skip
+        unpadded = tiny_model.get_audio_text_matching_logits(
+            texts["input_ids"], texts["attention_mask"], audio_hidden_states=states[:, :15].expand(3, -1, -1)
+        )
+    torch.testing.assert_close(once, repeated, atol=1e-6, rtol=0)
+    torch.testing.assert_close(once, unpadded, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pairs"):
+        tiny_model.get_audio_text_matching_logits(
+            texts["input_ids"], texts["attention_mask"], audio_hidden_states=states.expand(2, -1, -1)
+        )
+
+
+def test_rerank_scores_equal_pairwise_scores(tiny_model, processor):
+    # Items shared by several queries go through the one-clip-several-texts path, the others in batches of pairs;
+    # either way every score must be the pair's own match logit + cosine.
+    from retrieval import rerank_with_matching_head
+
+    torch.manual_seed(4)
+    tokens = [torch.randn(10 + 3 * i, 32).numpy() for i in range(6)]
+    texts = processor.tokenizer(["a dog", "rain on a roof", "a bell", "wind"], padding=True, return_tensors="pt")
+    candidates = torch.tensor([[0, 1, 2], [1, 0, 3], [4, 1, 0], [5, 2, 1]])  # 0, 1, 2 shared; 3, 4, 5 alone
+    cosines = torch.rand(4, 3)
+    with torch.no_grad():
+        order, scores = rerank_with_matching_head(
+            tiny_model, candidates, cosines, texts["input_ids"], texts["attention_mask"],
+            lambda ids: [tokens[i] for i in ids], batch_size=2,
+        )  # fmt: skip
+        for query in range(4):
+            for position, item in enumerate(order[query].tolist()):
+                logits = tiny_model.get_audio_text_matching_logits(
+                    texts["input_ids"][query : query + 1], texts["attention_mask"][query : query + 1],
+                    audio_hidden_states=torch.from_numpy(tokens[item])[None],
+                )  # fmt: skip
+                cosine = cosines[query, candidates[query].tolist().index(item)]
+                torch.testing.assert_close(scores[query, position], logits[0, 1] + cosine, atol=1e-5, rtol=0)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+    assert sorted(order[3].tolist()) == [1, 2, 5]  # only the query's own candidates, re-ordered
