@@ -610,10 +610,10 @@ class BeatsModel(BeatsPreTrainedModel):
 
         On a CPU with bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4 and later, Intel Cooper Lake, Sapphire
         Rapids and later) the copy ran 1.5-1.7x as fast as the float32 model and 2.2-2.7x as fast as the official code
-        (`benchmarks/RESULTS.md`, 2 cores); without them bfloat16 is emulated and can be slower. With random iter3+ weights and
-        10 s clips, its tokens kept a cosine similarity above 0.99999 to the exact ones (above 0.9998 for random-noise
-        fbank input), and so did the Q-Former's audio embeddings computed from them; `benchmarks/beats_speed.py`
-        measures both. Check the cosine on your own data before indexing with it. int8 dynamic quantization
+        (`benchmarks/RESULTS.md`, 2 cores); without them bfloat16 is emulated and can be slower. With random iter3+
+        weights and 10 s clips, its tokens kept a cosine similarity above 0.99999 to the exact ones (above 0.9998 for
+        random-noise fbank input), and so did the Q-Former's audio embeddings computed from them;
+        `benchmarks/beats_speed.py` measures both. Check the cosine on your own data before indexing with it. int8 dynamic quantization
         (`torch.ao.quantization.quantize_dynamic`) was another 1.2x faster but 400x further from the exact tokens
         (1 - cosine 3e-4 against 7e-7), and torch deprecates it.
 
