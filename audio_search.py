@@ -146,7 +146,7 @@ class AudioLibrary:
         self.embeddings = FeatureCache(directory, "embeddings", embed_width)
         self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
         self._live = None
-        self._audio_encoder = None  # built on first use: the model's BEATs, or its fast CPU copy
+        self._audio_encoder = None  # BEATs' fast CPU copy, built on first use in a `fast_cpu_encoder` library
         files_path = os.path.join(directory, LIBRARY_FILES)
         self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
 
