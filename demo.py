@@ -143,7 +143,7 @@ Next steps
     accelerate launch train.py --preset stage1 --beats_checkpoint beats-iter3-plus --bert bert-base-uncased \\
         --clotho_root clotho --audiocaps_csv audiocaps/train.csv audiocaps/val.csv --audiocaps_audio_dir audiocaps/audio \\
         --output_dir outputs/stage1
-    accelerate launch train.py --preset stage2 --clotho_root clotho --clotho_train_splits development \
+    accelerate launch train.py --preset stage2 --clotho_root clotho --clotho_train_splits development \\
         --init_from outputs/stage1 --output_dir outputs/stage2
     python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --clotho_split evaluation
   Publish: add --push_to_hub --hub_model_id you/audio-qformer to the training command.""")
