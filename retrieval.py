@@ -136,7 +136,8 @@ def rerank_with_matching_head(
 
     An item that several queries share (an evaluation with many queries) is scored against up to `batch_size` of
     its queries in one forward, its audio given once, so that its cross-attention keys and values are computed once
-    (1.5x faster per pair at the report's sizes); the other pairs go `batch_size` pairs per forward.
+    (re-ranking 1.38x faster at the report's sizes, 1.72x at the demo's: `benchmarks/RESULTS.md`); the other pairs go
+    `batch_size` pairs per forward.
     """
     from tqdm.auto import tqdm
 
@@ -168,16 +169,17 @@ def rerank_with_matching_head(
 def rerank_rankings(model, rankings, similarity, input_ids, attention_mask, audio_tokens, top_k: int = 16, **kwargs):
     """
     Full rankings `(queries, n)` with each query's first `top_k` items re-ordered by `rerank_with_matching_head`;
-    the items after them keep their order, so re-ranking only moves items within the top k.
+    the items after them keep their order, so re-ranking only moves items within the top k. Also returns the
+    re-ordered items' scores `(queries, top_k)`, best first.
     """
     top_k = min(top_k, rankings.shape[1])
     candidates = rankings[:, :top_k]
-    reordered, _ = rerank_with_matching_head(
+    reordered, scores = rerank_with_matching_head(
         model, candidates, similarity.gather(1, candidates), input_ids, attention_mask, audio_tokens, **kwargs
     )
     reranked = rankings.clone()
     reranked[:, :top_k] = reordered
-    return reranked
+    return reranked, scores
 
 
 @torch.no_grad()
@@ -205,7 +207,7 @@ def evaluate_text_to_audio(
     if rerank_top_k:
         tokens = tokenizer(captions, padding="longest", truncation=True, max_length=model.config.eval_max_text_length,
                            return_tensors="pt", return_token_type_ids=False)  # fmt: skip
-        systems[f"ATC + re-rank top {rerank_top_k}"] = rerank_rankings(
+        systems[f"ATC + re-rank top {rerank_top_k}"], _ = rerank_rankings(
             model, systems["ATC"], similarity, tokens["input_ids"], tokens["attention_mask"],
             lambda ids: [arrays[i] for i in ids], top_k=rerank_top_k, batch_size=batch_size, show_progress=show_progress,
         )  # fmt: skip

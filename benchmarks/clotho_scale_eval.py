@@ -40,7 +40,7 @@ from retrieval import (  # noqa: E402
     metrics_from_ranks,
     rank_items,
     ranks_in,
-    rerank_with_matching_head,
+    rerank_rankings,
 )
 
 
@@ -114,25 +114,25 @@ def main(argv=None):
         lap("similarity + ranking")
         metrics["ATC"] = metrics_from_ranks(ranks_in(rankings, targets))
         if args.rerank_top_k:
-            # `retrieval.rerank_rankings`, spelled out to keep the scores for the comparison with the baseline.
-            candidates = rankings[:, : args.rerank_top_k]
-            rerank_args = (model, candidates, similarity.gather(1, candidates), input_ids, attention_mask,
+            rerank_args = (model, rankings, similarity, input_ids, attention_mask,
                            lambda ids: [clip_tokens[i] for i in ids])  # fmt: skip
-            order, scores = rerank_with_matching_head(*rerank_args, batch_size=args.batch_size)
+            reranked, scores = rerank_rankings(*rerank_args, top_k=args.rerank_top_k, batch_size=args.batch_size)
             lap(f"re-rank top {args.rerank_top_k}")
-            reranked = rankings.clone()
-            reranked[:, : args.rerank_top_k] = order
             metrics[f"ATC + re-rank top {args.rerank_top_k}"] = metrics_from_ranks(ranks_in(reranked, targets))
             if args.baseline_rev:
                 # Not part of the total: the same re-rank with the older code, for the before/after ratio.
                 old = import_module_at_revision(args.baseline_rev, "retrieval.py", "baseline_retrieval")
-                old_order, old_scores = old.rerank_with_matching_head(*rerank_args, batch_size=args.batch_size)
+                # The baseline's rerank_rankings returned the rankings alone; its scores come from the function below.
+                candidates, candidates_now = rankings[:, : args.rerank_top_k], reranked[:, : args.rerank_top_k]
+                old_order, old_scores = old.rerank_with_matching_head(
+                    model, candidates, similarity.gather(1, candidates), *rerank_args[3:], batch_size=args.batch_size
+                )
                 lap("baseline")
                 baseline = {
                     "seconds": seconds.pop("baseline"),
                     # Scores best first: equal up to rounding even where near-ties (random weights) swap two items.
                     "max_score_difference": (old_scores - scores).abs().max().item(),
-                    "queries_with_the_same_order": (old_order == order).all(dim=1).float().mean().item(),
+                    "queries_with_the_same_order": (old_order == candidates_now).all(dim=1).float().mean().item(),
                 }
     total = sum(seconds.values())
 
