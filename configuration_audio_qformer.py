@@ -191,6 +191,13 @@ class AudioQFormerConfig(PreTrainedConfig):
             Initial value of the learnt contrastive temperature, which divides the cosine similarities.
         label_smoothing (`float`, *optional*, defaults to 0.1):
             Label smoothing of the contrastive and caption losses (LAVIS' value).
+        atc_gather_with_grad (`bool`, *optional*, defaults to `False`):
+            Whether the contrastive candidates gathered from the batch (the captions each clip is scored against, the
+            clips each caption is scored against; this process's own included) carry gradient. `False` is LAVIS' (and
+            so the report's) gradient: BLIP-2 gathers them with a no-grad `concat_all_gather`, on one process too, so
+            the audio-to-text term trains only the audio side and the text-to-audio term only the text side. `True`
+            trains both sides in each term (open_clip's `gather_with_grad`); the gradient then reaches every
+            process's embeddings.
         train_max_text_length (`int`, *optional*, defaults to 32):
             Token length captions are padded or truncated to in training.
         eval_max_text_length (`int`, *optional*, defaults to 35):
@@ -238,6 +245,7 @@ class AudioQFormerConfig(PreTrainedConfig):
     embed_dim: int = 256
     temperature_init: float = 0.07
     label_smoothing: float = 0.1
+    atc_gather_with_grad: bool = False
     train_max_text_length: int = 32
     eval_max_text_length: int = 35
     rerank_top_k: int = 16

@@ -746,6 +746,29 @@ def max_over_queries(audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> t
     return torch.einsum("aqd,td->atq", audio_embeds, text_embeds).amax(dim=-1)
 
 
+def contrastive_logits(
+    audio_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    gather: Callable[[torch.Tensor], torch.Tensor],
+    temperature: torch.Tensor,
+    candidates_with_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    ATC logits of this process's pairs against the gathered batch: `(logits_per_audio, logits_per_text)`, each
+    `(batch, global batch)`: the local clips against every caption, the local captions against every clip.
+
+    Without `candidates_with_grad` the gathered candidates (the local slice included) are detached, as LAVIS'
+    no-grad `concat_all_gather`: the audio-to-text logits then train only the audio side and the text-to-audio
+    logits only the text side. With it, both sides in each (open_clip's `gather_with_grad`).
+    """
+    all_audio_embeds, all_text_embeds = gather(audio_embeds), gather(text_embeds)
+    if not candidates_with_grad:
+        all_audio_embeds, all_text_embeds = all_audio_embeds.detach(), all_text_embeds.detach()
+    logits_per_audio = max_over_queries(audio_embeds, all_text_embeds) / temperature
+    logits_per_text = max_over_queries(all_audio_embeds, text_embeds).t() / temperature
+    return logits_per_audio, logits_per_text
+
+
 def atc_loss(
     logits_per_audio: torch.Tensor,
     logits_per_text: torch.Tensor,
@@ -1222,9 +1245,11 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             use_audio_text_matching_head (`bool`, *optional*, defaults to `False`):
                 Also return `itm_logits` for the (clip i, caption i) pairs.
             batch_gatherer (`Callable`, *optional*):
-                With `return_loss` across processes: maps a local tensor to its concatenation over all processes, the
-                local slice keeping its gradient. Contrastive candidates and hard negatives are then drawn from the
-                global batch. Defaults to this process's batch only. `audio_ids` are required with a gatherer.
+                With `return_loss` across processes: maps a local tensor to its concatenation over all processes,
+                differentiably (each slice's gradient goes back to the process that owns it, as
+                `torch.distributed.nn.functional.all_gather` does). Contrastive candidates and hard negatives are then
+                drawn from the global batch; whether the candidates carry gradient is `config.atc_gather_with_grad`.
+                Defaults to this process's batch only. `audio_ids` are required with a gatherer.
             generator (`torch.Generator`, *optional*):
                 Random generator for the hard-negative draw (reproducible training).
         """
@@ -1290,13 +1315,13 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 raise ValueError("Training across processes needs `audio_ids` (ids must be unique across processes).")
             audio_ids = torch.arange(batch_size, device=input_ids.device)
         gather = batch_gatherer or same_batch
-        audio_embeds = audio_output.audio_embeds
-        all_audio_embeds, all_text_embeds, all_audio_ids = gather(audio_embeds), gather(text_embeds), gather(audio_ids)
+        all_audio_ids = gather(audio_ids)
         positives = audio_ids[:, None] == all_audio_ids[None, :]
 
         # ATC: local clips against all captions, local captions against all clips.
-        logits_per_audio = max_over_queries(audio_embeds, all_text_embeds) / self.temperature
-        logits_per_text = max_over_queries(all_audio_embeds, text_embeds).t() / self.temperature
+        logits_per_audio, logits_per_text = contrastive_logits(
+            audio_output.audio_embeds, text_embeds, gather, self.temperature, self.config.atc_gather_with_grad
+        )
         loss_atc = atc_loss(logits_per_audio, logits_per_text, positives, self.config.label_smoothing)
 
         # ATM: one hard negative clip per caption and one hard negative caption per clip, drawn from the similarities.

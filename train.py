@@ -95,6 +95,9 @@ def parse_args(argv=None):
                        help="Micro-batches per optimizer step (default: derived from --total_batch_size).")
     train.add_argument("--max_audio_tokens", type=int, default=512, help="Crop longer clips to this many BEATs tokens.")
     train.add_argument("--max_text_length", type=int, help="Caption length in tokens for training (the report: 32).")
+    train.add_argument("--atc_gather_with_grad", action="store_true",
+                       help="Contrastive candidates gathered from the batch carry gradient (open_clip's convention); "
+                            "by default they do not, as in LAVIS (config.atc_gather_with_grad).")
     train.add_argument("--max_temperature", type=float, default=0.5, help="Clamp of the learnt temperature (upper).")
     train.add_argument("--min_temperature", type=float, default=0.001, help="Clamp of the learnt temperature (lower).")
     train.add_argument("--seed", type=int, default=42, help="Random seed.")
@@ -197,15 +200,38 @@ def make_collate(tokenizer, max_text_length: int, pad_audio_to: int | None):
     return collate
 
 
+class _GatherWithGradient(torch.autograd.Function):
+    """
+    All processes' tensors, concatenated; backward sums each slice's gradient over the processes and hands it to the
+    process that owns the slice (the `GatherLayer` of LAVIS' and SimCLR's code, on public `torch.distributed` calls).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        size = grad.shape[0] // torch.distributed.get_world_size()
+        rank = torch.distributed.get_rank()
+        return grad[rank * size : (rank + 1) * size]
+
+
 def make_batch_gatherer(accelerator):
-    """All processes' tensors, concatenated; this process's slice stays the local tensor (it keeps its gradient)."""
+    """
+    All processes' tensors, concatenated in process order. Differentiable: each slice's gradient returns, summed over
+    processes, to the process that owns it, so with gradients averaged over processes (DDP) the losses train exactly
+    as one process holding the global batch (tests/two_process_gradients.py).
+    """
     if accelerator.num_processes == 1:
         return None
 
     def gather(tensor):
-        everything = accelerator.gather(tensor.detach().contiguous())
-        size, rank = tensor.shape[0], accelerator.process_index
-        return torch.cat([everything[: rank * size], tensor, everything[(rank + 1) * size :]])
+        return _GatherWithGradient.apply(tensor) if tensor.requires_grad else accelerator.gather(tensor.contiguous())
 
     return gather
 
@@ -331,6 +357,7 @@ def main(argv=None):
             train_max_text_length=args.max_text_length,
         )
         tokenizer = AutoTokenizer.from_pretrained(args.bert or default_bert_checkpoint())
+    model.config.atc_gather_with_grad = args.atc_gather_with_grad
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), tokenizer)
 
     # Data, then BEATs tokens for every clip (computed once, shared between processes)

@@ -20,6 +20,7 @@ from modeling_audio_qformer import (
     atg_loss,
     atm_loss,
     bert_state_dict_to_qformer,
+    contrastive_logits,
     max_over_queries,
     sample_hard_negatives,
 )
@@ -75,6 +76,51 @@ def test_atc_loss_multi_positive_by_hand():
     row2 = -(0.9 * log_p[2, 2] + 0.1 / 3 * log_p[2].sum())
     expected = (row0 + row1 + row2) / 3
     torch.testing.assert_close(atc_loss(logits, logits, positives), expected)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_contrastive_candidates_carry_gradient_only_with_the_option(with_grad):
+    generator = torch.Generator().manual_seed(0)
+    audio = F.normalize(torch.randn(3, 2, 4, generator=generator), dim=-1).requires_grad_()  # 3 clips x 2 queries
+    text = F.normalize(torch.randn(3, 4, generator=generator), dim=-1).requires_grad_()
+    logits_per_audio, logits_per_text = contrastive_logits(audio, text, lambda t: t, torch.tensor(0.07), with_grad)
+    targets = torch.arange(3)
+    # The audio-to-text term: by default (LAVIS) it reaches the audio side only, the captions being detached candidates.
+    text_grad, audio_grad = torch.autograd.grad(F.cross_entropy(logits_per_audio, targets), (text, audio), allow_unused=True)
+    assert audio_grad.abs().max() > 1e-3
+    if with_grad:
+        assert text_grad.abs().max() > 1e-3
+    else:
+        assert text_grad is None or torch.count_nonzero(text_grad) == 0
+    audio_grad, text_grad = torch.autograd.grad(F.cross_entropy(logits_per_text, targets), (audio, text), allow_unused=True)
+    assert text_grad.abs().max() > 1e-3
+    assert (audio_grad.abs().max() > 1e-3) if with_grad else (audio_grad is None or torch.count_nonzero(audio_grad) == 0)
+
+
+def test_model_contrastive_gradient_equals_lavis_formula(processor):
+    """The model's ATC gradient against LAVIS' ITC written out here: candidates detached, max over queries, smoothed CE."""
+    torch.manual_seed(0)
+    model = AudioQFormerModel(tiny_qformer_config()).train()
+    batch = toy_batch(processor, num_clips=4)
+    hidden = torch.randn(4, 24, 32, generator=torch.Generator().manual_seed(1))
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    model(**inputs, audio_hidden_states=hidden, return_loss=True).loss_atc.backward()
+    ours = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    model.zero_grad(set_to_none=True)
+
+    image_feats = model.get_audio_features(audio_hidden_states=hidden).audio_embeds  # (4, queries, dim)
+    text_feat = model.get_text_features(**inputs).text_embeds  # (4, dim)
+    sim_i2t = (image_feats @ text_feat.detach().t()).max(dim=1).values / model.temperature
+    sim_t2i = (text_feat @ image_feats.detach().transpose(1, 2)).max(dim=-1).values.t() / model.temperature
+    targets = torch.arange(4)
+    lavis = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+    lavis.backward()
+    for param, expected in zip(params, ours):
+        got = param.grad if param.grad is not None else torch.zeros_like(param)
+        torch.testing.assert_close(expected, got, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in ours)
 
 
 def test_atg_loss_shifts_and_ignores_padding():

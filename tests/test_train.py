@@ -51,13 +51,26 @@ def read_log(output_dir):
     return records
 
 
-def test_two_processes_with_accumulation(tiny_setup, tmp_path):
+LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def test_two_processes_train_with_the_gradient_of_one_process():
+    """ATC + ATG gradients of a batch split over two processes equal one process's, for both contrastive settings."""
+    result = run([*LAUNCH_TWO, os.path.join(ROOT, "tests", "two_process_gradients.py")])
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["with_grad=False"] < 1e-5 and report["with_grad=True"] < 1e-5, report
+    assert report["settings differ by"] > 1e-3, report  # the option changes the gradient
+
+
+@pytest.mark.parametrize("gradient_option", [[], ["--atc_gather_with_grad"]], ids=["lavis", "gather_with_grad"])
+def test_two_processes_with_accumulation(tiny_setup, tmp_path, gradient_option):
     output_dir = tmp_path / "two"
     result = run([
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        *LAUNCH_TWO,
         *train_command(tiny_setup, output_dir, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                       "--max_train_steps", "3", "--eval_steps", "3", "--checkpointing_steps", "1"),
+                       "--max_train_steps", "3", "--eval_steps", "3", "--checkpointing_steps", "1", *gradient_option),
     ])  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert "processes = 2, accumulation = 2, total = 8" in result.stdout
@@ -72,6 +85,7 @@ def test_two_processes_with_accumulation(tiny_setup, tmp_path):
 
     model = AutoModel.from_pretrained(output_dir, trust_remote_code=True)
     assert model.config.num_query_tokens == 4
+    assert model.config.atc_gather_with_grad == bool(gradient_option)
     card = (output_dir / "README.md").read_text()
     assert "pipeline_tag: zero-shot-audio-classification" in card and "model-index" in card
 
