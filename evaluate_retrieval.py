@@ -6,11 +6,15 @@ re-ranking the top 16, on Clotho's evaluation split or any captioned audio folde
     python evaluate_retrieval.py --model outputs/demo-model --audiofolder data/synthetic/library --output_json table.json
 
 Every caption is a query with its clip as the one relevant item; the metrics are those of the DCASE baseline (mAP@10,
-R@1, R@5, R@10), computed by the `evaluate` module in `metrics/audio_retrieval`. BEATs tokens go through the same
-feature cache as training, so a second evaluation of the same clips skips BEATs.
+R@1, R@5, R@10), computed by the `evaluate` module in `metrics/audio_retrieval`. Beside them, the DCASE 2025
+multi-relevant mAP@16 counts every clip a caption fits: with `--relevance_column` (an audiofolder's metadata.csv
+column whose equal values mark clips that fit each other's captions, e.g. the synthetic set's `attributes`), else the
+caption's own clip only. BEATs tokens go through the same feature cache as training, so a second evaluation of the
+same clips skips BEATs.
 """
 
 import argparse
+import csv
 import json
 import os
 import time
@@ -43,6 +47,9 @@ def parse_args(argv=None):
     source.add_argument("--hub_split", default="test")
     source.add_argument("--hub_audio_column", default="audio")
     source.add_argument("--hub_caption_columns", nargs="+", default=["caption"])
+    parser.add_argument("--relevance_column",
+                        help="With --audiofolder: a metadata.csv column whose equal values mark clips that fit each "
+                             "other's captions (the synthetic set's 'attributes'), for the multi-relevant mAP@16.")
     parser.add_argument("--rerank_top_k", type=int, default=16, help="Candidates the matching head re-ranks (0: off).")
     parser.add_argument("--feature_cache_dir", default="cache/features")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -51,6 +58,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if sum(bool(s) for s in (args.clotho_root, args.audiofolder, args.hub_dataset)) != 1:
         parser.error("give exactly one of --clotho_root, --audiofolder, --hub_dataset")
+    if args.relevance_column and not args.audiofolder:
+        parser.error("--relevance_column reads an audiofolder's metadata.csv: give --audiofolder")
     return args
 
 
@@ -63,13 +72,38 @@ def load_evaluation_set(args):
     return (args.hub_dataset,) + (dataset, skipped)
 
 
+def relevant_clips(rows, groups: dict[str, str] | None = None) -> list[list[str]]:
+    """
+    The clips each caption fits: its own, and with `groups` (audio path -> group) every clip of its own clip's group.
+    """
+    if groups is None:
+        return [[audio_id] for audio_id in rows["audio_id"]]
+    members: dict[str, list[str]] = {}
+    for path, audio_id in sorted(set(zip(rows["audio_path"], rows["audio_id"]))):
+        members.setdefault(groups[path], []).append(audio_id)
+    return [members[groups[path]] for path in rows["audio_path"]]
+
+
+def read_relevance_groups(directory: str, column: str) -> dict[str, str]:
+    """Audio path -> the value of `column` in the folder's metadata.csv."""
+    csv_path = os.path.join(directory, "metadata.csv")
+    with open(csv_path, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    if not table or column not in table[0]:
+        raise ValueError(f"{csv_path}: no column {column!r} for --relevance_column; found {list(table[0]) if table else []}.")
+    return {os.path.join(directory, row["file_name"]): row[column] for row in table}
+
+
 def format_table(name: str, results: dict, chance: dict, clips: int, queries: int) -> str:
-    """The Table 1 layout in percent: one row per system, chance level last."""
+    """The Table 1 layout in percent: one row per system, chance level last; a column the systems add comes last."""
+    columns = COLUMNS + tuple(c for c in next(iter(results.values())) if c not in COLUMNS)
+    widths = [max(6, len(c)) for c in columns]
     lines = [f"Text-to-audio retrieval on {name}: {clips} clips, {queries} captions (percent)",
-             f"| {'system':<28} | " + " | ".join(f"{c:>6}" for c in COLUMNS) + " |",
-             f"|{'-' * 30}|" + "|".join("-" * 8 for _ in COLUMNS) + "|"]  # fmt: skip
+             f"| {'system':<28} | " + " | ".join(f"{c:>{w}}" for c, w in zip(columns, widths)) + " |",
+             f"|{'-' * 30}|" + "|".join("-" * (w + 2) for w in widths) + "|"]  # fmt: skip
     for system, metrics in {**results, "chance": chance}.items():
-        values = [f"{100 * metrics[c]:6.2f}" if metrics.get(c) is not None else f"{'':>6}" for c in COLUMNS]
+        values = [f"{100 * metrics[c]:{w}.2f}" if metrics.get(c) is not None else f"{'':>{w}}"
+                  for c, w in zip(columns, widths)]  # fmt: skip
         lines.append(f"| {system:<28} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
@@ -98,8 +132,18 @@ def main(argv=None):
     results = {system: metric.compute(predictions=ranked, references=list(rows["audio_id"]))
                for system, ranked in rankings.items()}  # fmt: skip
     results = {system: {c: float(m[c]) for c in COLUMNS} for system, m in results.items()}
+    # The DCASE 2025 measure, counting every clip a caption fits (cut at the library's size when under 16 clips).
+    groups = read_relevance_groups(args.audiofolder, args.relevance_column) if args.relevance_column else None
+    relevant = relevant_clips(rows, groups)
+    multi_metric, map_at = evaluate.load(METRIC_PATH, "multi_relevant"), min(16, len(key_of))
+    for system, ranked in rankings.items():
+        value = multi_metric.compute(predictions=[r[:map_at] for r in ranked], references=relevant, map_at=map_at)
+        results[system][f"mAP@{map_at} multi-relevant"] = float(value[f"mAP@{map_at}"])
     chance = chance_metrics(len(key_of))
     print(format_table(name, results, chance, len(key_of), len(rows)))
+    ambiguous = sum(len(r) > 1 for r in relevant)
+    print(f"Captions that fit more than one clip: {ambiguous} of {len(rows)} "
+          + (f"(equal '{args.relevance_column}' values)" if groups else "(no --relevance_column: own clip only)"))
     audio_to_text = own_metrics["audio-to-text (ATC)"]
     print("Audio-to-text (each clip a query, its captions relevant): "
           + ", ".join(f"{k} {100 * v:.2f}" for k, v in audio_to_text.items()))  # fmt: skip
@@ -113,7 +157,7 @@ def main(argv=None):
         with open(args.output_json, "w") as handle:
             json.dump({"model": args.model, "evaluation_set": name, "clips": len(key_of), "queries": len(rows),
                        "rerank_top_k": args.rerank_top_k, "results": results, "chance": chance,
-                       "audio_to_text": audio_to_text,
+                       "audio_to_text": audio_to_text, "captions_fitting_several_clips": ambiguous,
                        "skipped": len(skipped) + len(failures), "seconds": round(seconds, 1)}, handle, indent=2)  # fmt: skip
     return results
 

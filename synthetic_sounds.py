@@ -4,17 +4,25 @@
     python synthetic_sounds.py --output_dir data/synthetic
 
 Each clip combines a sound (a tone, a buzz or a noise), its pitch or noise colour, a pitch movement (steady, rising,
-falling), a rhythm (continuous, slow or fast pulses) and a loudness change (even, louder, quieter). Every clip gets
-several captions that say the same thing in other words, as Clotho's five captions do. The sets are written in the
-`audiofolder` layout the loaders read (`metadata.csv` with `file_name, caption_1..caption_N`, 16 kHz WAV files):
-`train/`, `validation/` and `library/` (held out, for evaluation and search). Generation is seeded and skipped when
-the output already holds the same sets.
+falling), a rhythm (continuous, slow or fast pulses), a loudness change (even, louder, quieter) and a space (dry, an
+echo, a large hall's reverberation, heard most in the half second after the sound stops). Every clip gets several
+captions that say the same thing in other words, as Clotho's five captions do; each wording names exactly one value
+of each attribute (`caption_attributes` reads them back). Within a set no two clips share their attributes, so every
+caption describes its own clip and no other: the contrastive loss never pushes apart clips that their captions
+cannot tell apart, and a caption's one relevant clip in the evaluation is truly the only one. Different sets may
+share attributes (a held-out clip resembles a training clip, as it should).
+
+The sets are written in the `audiofolder` layout the loaders read (`metadata.csv` with `file_name,
+caption_1..caption_N, attributes`, 16 kHz WAV files): `train/`, `validation/` and `library/` (held out, for evaluation
+and search). Generation is seeded and skipped when the output already holds the same sets.
 """
 
 import argparse
 import csv
+import itertools
 import json
 import os
+import re
 
 import numpy as np
 
@@ -47,7 +55,16 @@ LOUDNESS = {
     "louder": ["getting louder", "fading in", "growing in volume"],
     "quieter": ["getting quieter", "fading out", "dying away"],
 }
+SPACES = {
+    "dry": ["up close", "in a dry room", "with no reverberation"],
+    "echo": ["with an echo", "echoing back", "with repeating echoes"],
+    "hall": ["in a large hall", "with a long reverb", "in a cavernous space"],
+}
+# Each attribute's wordings after the subject; a wording names one value only, so a caption can be read back.
+PHRASES = {"motion": MOTIONS, "rhythm": RHYTHMS, "loudness": LOUDNESS, "space": SPACES}
 PITCH_HZ = {"low": (110.0, 190.0), "mid": (400.0, 700.0), "high": (1500.0, 2500.0)}
+# After the sound stops, this much more of the space is heard: silence (dry), the echoes, the hall's decay.
+TAIL_SECONDS = 0.5
 
 
 def _noise(colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -60,8 +77,8 @@ def _noise(colour: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return noise / noise.std()
 
 
-def render(attributes: dict, seconds: float, rng: np.random.Generator) -> np.ndarray:
-    """The waveform (float32, 16 kHz) of one clip with the given attributes."""
+def _source(attributes: dict, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """The dry sound of one clip: the sound, its pitch movement, rhythm and loudness change."""
     t = np.arange(int(seconds * SAMPLING_RATE)) / SAMPLING_RATE
     if attributes["sound"] == "noise":
         signal = _noise(attributes["pitch"], t.size, rng) * 0.3
@@ -82,37 +99,81 @@ def render(attributes: dict, seconds: float, rng: np.random.Generator) -> np.nda
     envelope = {"even": np.ones_like(t), "louder": 0.1 + 0.9 * t / seconds, "quieter": 1.0 - 0.9 * t / seconds}
     signal = signal * envelope[attributes["loudness"]] * rng.uniform(0.3, 0.8)
     fade = np.minimum(1.0, np.minimum(t, seconds - t) / 0.02)  # no clicks at the edges
-    return (signal * fade).astype(np.float32)
+    return signal * fade
 
 
-def random_attributes(rng: np.random.Generator) -> dict:
-    sound = rng.choice(["tone", "buzz", "noise"])
-    pitch = rng.choice(["white", "pink", "brown"] if sound == "noise" else ["low", "mid", "high"])
-    motion = "steady" if sound == "noise" else rng.choice(list(MOTIONS))
-    return {
-        "sound": str(sound),
-        "pitch": str(pitch),
-        "motion": str(motion),
-        "rhythm": str(rng.choice(list(RHYTHMS))),
-        "loudness": str(rng.choice(list(LOUDNESS))),
-    }
+def _in_space(signal: np.ndarray, space: str, rng: np.random.Generator) -> np.ndarray:
+    """The sound in its space, `TAIL_SECONDS` longer: dry, two echoes (220 and 440 ms), or a 1.5 s hall reverb."""
+    tail = int(TAIL_SECONDS * SAMPLING_RATE)
+    if space == "dry":
+        return np.concatenate([signal, np.zeros(tail)])
+    if space == "echo":
+        response = np.zeros(int(0.44 * SAMPLING_RATE) + 1)
+        response[[0, int(0.22 * SAMPLING_RATE), int(0.44 * SAMPLING_RATE)]] = [1.0, 0.5, 0.25]
+    else:  # hall: exponentially decaying noise, 60 dB down after 1.5 s, beside the direct sound
+        t = np.arange(int(1.5 * SAMPLING_RATE)) / SAMPLING_RATE
+        response = rng.standard_normal(t.size) * np.exp(-6.9 * t / 1.5)
+        response *= 0.8 / np.sqrt(np.sum(response**2))
+        response[0] += 0.6
+    size = signal.size + response.size - 1
+    wet = np.fft.irfft(np.fft.rfft(signal, size) * np.fft.rfft(response, size), size)[: signal.size + tail]
+    return wet / max(1.0, np.abs(wet).max() / 0.95)  # never clip
+
+
+def render(attributes: dict, seconds: float, rng: np.random.Generator) -> np.ndarray:
+    """The waveform (float32, 16 kHz, `seconds + TAIL_SECONDS` long) of one clip with the given attributes."""
+    return _in_space(_source(attributes, seconds, rng), attributes["space"], rng).astype(np.float32)
+
+
+def all_attribute_sets() -> list[dict]:
+    """Every combination of attributes a clip can have (noise has no pitch movement): 567."""
+    sets = []
+    for sound, pitch in SUBJECTS:
+        for motion in ["steady"] if sound == "noise" else MOTIONS:
+            for rhythm, loudness, space in itertools.product(RHYTHMS, LOUDNESS, SPACES):
+                sets.append(dict(sound=sound, pitch=pitch, motion=motion, rhythm=rhythm, loudness=loudness, space=space))
+    return sets
+
+
+def distinct_attributes(count: int, rng: np.random.Generator) -> list[dict]:
+    """`count` clips' attributes, no two alike, drawn uniformly from every combination."""
+    sets = all_attribute_sets()
+    if count > len(sets):
+        raise ValueError(f"a set of {count} clips cannot have distinct attributes: there are only {len(sets)} combinations.")
+    return [sets[i] for i in rng.choice(len(sets), size=count, replace=False)]
 
 
 def captions_for(attributes: dict, count: int, rng: np.random.Generator) -> list[str]:
-    """`count` different wordings of the same description."""
+    """`count` different wordings of the same description: the subject, then the other attributes in any order."""
+    named = [name for name in PHRASES if name != "motion" or attributes["sound"] != "noise"]
     captions = []
     for index in range(count * 10):  # a few tries for distinct wordings
         if len(captions) == count:
             break
         subject = SUBJECTS[(attributes["sound"], attributes["pitch"])][(index + rng.integers(3)) % 3]
-        parts = [RHYTHMS[attributes["rhythm"]][rng.integers(3)], LOUDNESS[attributes["loudness"]][rng.integers(3)]]
-        if attributes["sound"] != "noise":
-            parts.insert(0, MOTIONS[attributes["motion"]][rng.integers(3)])
+        parts = [PHRASES[name][attributes[name]][rng.integers(3)] for name in named]
         rng.shuffle(parts)
-        caption = f"{subject} {parts[0]}, " + " and ".join(parts[1:])
+        caption = f"{subject} {parts[0]}, " + ", ".join(parts[1:-1]) + f" and {parts[-1]}"
         if caption not in captions or index >= count * 9:
             captions.append(caption)
     return captions
+
+
+def caption_attributes(caption: str) -> dict:
+    """The attributes a caption of `captions_for` names (its inverse); `ValueError` for any other text."""
+    subjects = {wording: key for key, wordings in SUBJECTS.items() for wording in wordings}
+    phrases = {wording: (name, value) for name, table in PHRASES.items() for value, wordings in table.items()
+               for wording in wordings}  # fmt: skip
+    subject = max((s for s in subjects if caption.startswith(s + " ")), key=len, default=None)
+    if subject is None:
+        raise ValueError(f"{caption!r} does not start with a sound of this generator")
+    found = dict(zip(("sound", "pitch"), subjects[subject]), motion="steady")
+    for part in re.split(r", | and ", caption[len(subject) + 1 :]):
+        if part not in phrases:
+            raise ValueError(f"{caption!r}: {part!r} is no wording of this generator")
+        name, value = phrases[part]
+        found[name] = value
+    return found
 
 
 def write_set(directory: str, num_clips: int, captions_per_clip: int, rng: np.random.Generator):
@@ -120,8 +181,7 @@ def write_set(directory: str, num_clips: int, captions_per_clip: int, rng: np.ra
 
     os.makedirs(directory, exist_ok=True)
     rows = []
-    for index in range(num_clips):
-        attributes = random_attributes(rng)
+    for index, attributes in enumerate(distinct_attributes(num_clips, rng)):
         seconds = float(rng.uniform(2.0, 4.0))
         name = f"clip_{index:04d}.wav"
         soundfile.write(os.path.join(directory, name), render(attributes, seconds, rng), SAMPLING_RATE, subtype="PCM_16")
@@ -135,7 +195,7 @@ def write_set(directory: str, num_clips: int, captions_per_clip: int, rng: np.ra
 def generate(output_dir: str, num_train=400, num_validation=60, num_library=60, captions_per_clip=3, seed=0) -> bool:
     """Write the three sets; returns False (and does nothing) when `output_dir` already holds these sets."""
     settings = dict(num_train=num_train, num_validation=num_validation, num_library=num_library,
-                    captions_per_clip=captions_per_clip, seed=seed, version=1)  # fmt: skip
+                    captions_per_clip=captions_per_clip, seed=seed, version=2)  # fmt: skip
     stamp = os.path.join(output_dir, "generator.json")
     if os.path.isfile(stamp):
         with open(stamp) as handle:

@@ -46,7 +46,7 @@ PRESETS = {
                    per_device_train_batch_size=16, total_batch_size=256, eval_steps=200, checkpointing_steps=200),
     "stage2": dict(num_query_tokens=32, max_text_length=32, learning_rate=1e-5, num_warmup_steps=100, cosine_period_steps=1800, max_train_steps=1900,
                    per_device_train_batch_size=16, total_batch_size=256, eval_steps=100, checkpointing_steps=100),
-    "demo": dict(num_query_tokens=16, max_text_length=24, num_qformer_layers=2, learning_rate=1e-3,
+    "demo": dict(num_query_tokens=16, max_text_length=32, num_qformer_layers=2, learning_rate=1e-3,
                  num_warmup_steps=20, cosine_period_steps=230, max_train_steps=250, per_device_train_batch_size=16,
                  total_batch_size=16, eval_steps=50, checkpointing_steps=50),
 }  # fmt: skip

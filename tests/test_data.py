@@ -207,3 +207,34 @@ def test_feature_cache_extracts_resumes_and_invalidates(tmp_path, beats, monkeyp
     other = BeatsModel(BeatsConfig(**TINY_BEATS)).eval()
     assert model_fingerprint(other, extractor) != model_fingerprint(beats, extractor)
     assert model_fingerprint(beats, BeatsFeatureExtractor(fbank_mean=0.0)) != model_fingerprint(beats, extractor)
+
+
+# --- the embedded synthetic set -----------------------------------------------------------------------------------
+
+
+def test_synthetic_sets_have_distinct_attributes_and_readable_captions(tmp_path):
+    from synthetic_sounds import all_attribute_sets, caption_attributes, distinct_attributes, generate
+
+    # The demo's sizes draw without repeats within a set; sets may overlap each other.
+    rng = np.random.default_rng(0)
+    drawn = {name: [json.dumps(a, sort_keys=True) for a in distinct_attributes(count, rng)]
+             for name, count in (("train", 400), ("validation", 60), ("library", 60))}  # fmt: skip
+    assert all(len(set(sets)) == len(sets) for sets in drawn.values())
+    assert len(all_attribute_sets()) == 567 and set(drawn["library"]) & set(drawn["train"])
+    with pytest.raises(ValueError, match="only 567 combinations"):
+        distinct_attributes(568, rng)
+
+    generate(str(tmp_path), num_train=30, num_validation=5, num_library=8, captions_per_clip=3, seed=1)
+    for split, count in (("train", 30), ("validation", 5), ("library", 8)):
+        with open(tmp_path / split / "metadata.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        attributes = [json.loads(row["attributes"]) for row in rows]
+        assert len(rows) == count and len({json.dumps(a, sort_keys=True) for a in attributes}) == count
+        for row, clip in zip(rows, attributes):
+            captions = [row[f"caption_{i}"] for i in (1, 2, 3)]
+            assert len(set(captions)) == 3  # three wordings, each naming exactly this clip's attributes
+            assert all(caption_attributes(caption) == clip for caption in captions), captions
+            wave, rate = soundfile.read(tmp_path / split / row["file_name"])
+            assert rate == 16000 and 2.5 <= len(wave) / rate <= 4.5 and np.abs(wave).max() < 1
+    with pytest.raises(ValueError, match="no wording"):
+        caption_attributes("a low tone barking loudly, in a large hall and at an even volume")

@@ -227,10 +227,13 @@ def test_evaluation_script_table(saved_model, tmp_path):
     results = evaluate_main([
         "--model", saved_model, "--audiofolder", str(tmp_path / "data" / "library"), "--rerank_top_k", "3",
         "--feature_cache_dir", str(tmp_path / "cache"), "--output_json", str(output), "--device", "cpu",
+        "--relevance_column", "attributes",
     ])  # fmt: skip
     saved = json.loads(output.read_text())
     assert saved["clips"] == 12 and saved["queries"] == 24
     assert set(saved["results"]) == {"ATC", "ATC + re-rank top 3"}
+    # Each caption fits its own clip only (distinct attributes): the multi-relevant mAP@12 is then 1/rank in the top 12.
+    assert saved["captions_fitting_several_clips"] == 0
     # The ATC row equals the metrics of the plain similarity matrix (the evaluate module against retrieval.py).
     model, processor = load_model(saved_model)
     import csv
@@ -245,9 +248,27 @@ def test_evaluation_script_table(saved_model, tmp_path):
         captions = [clean_caption(r[c]) for r in rows for c in ("caption_1", "caption_2")]
         tokens = processor.tokenizer(captions, padding=True, return_tensors="pt", return_token_type_ids=False)
         text = model.get_text_features(**tokens).text_embeds
-    expected = retrieval_metrics(max_over_queries(audio, text).t(), torch.arange(12).repeat_interleave(2))
+    similarity = max_over_queries(audio, text).t()
+    expected = retrieval_metrics(similarity, torch.arange(12).repeat_interleave(2))
     for name, value in expected.items():
         assert results["ATC"][name] == pytest.approx(value, abs=1e-6)
+    full_list = retrieval_metrics(similarity, torch.arange(12).repeat_interleave(2), map_at=12)["mAP@12"]
+    assert results["ATC"]["mAP@12 multi-relevant"] == pytest.approx(full_list, abs=1e-6)
+
+
+def test_relevant_clips_by_group_and_multi_relevant_map(tmp_path):
+    from datasets import Dataset
+
+    from evaluate_retrieval import read_relevance_groups, relevant_clips
+
+    (tmp_path / "metadata.csv").write_text("file_name,caption_1,attributes\na.wav,x,red\nb.wav,y,blue\nc.wav,z,red\n")
+    groups = read_relevance_groups(str(tmp_path), "attributes")
+    paths = [str(tmp_path / n) for n in ("a.wav", "b.wav", "c.wav", "a.wav")]
+    rows = Dataset.from_dict({"audio_path": paths, "audio_id": ["A", "B", "C", "A"]})
+    assert relevant_clips(rows) == [["A"], ["B"], ["C"], ["A"]]
+    assert relevant_clips(rows, groups) == [["A", "C"], ["B"], ["A", "C"], ["A", "C"]]
+    with pytest.raises(ValueError, match="no column 'colour'"):
+        read_relevance_groups(str(tmp_path), "colour")
 
 
 def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_path):
