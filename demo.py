@@ -87,8 +87,11 @@ def main(argv=None):
     if args.small:
         train += ["--num_qformer_layers", "1", "--num_query_tokens", "4", "--max_train_steps", "4", "--eval_steps", "4",
                   "--checkpointing_steps", "2", "--num_warmup_steps", "1", "--cosine_period_steps", "3"]  # fmt: skip
-    elif args.max_train_steps:
-        train += ["--max_train_steps", str(args.max_train_steps)]
+    elif args.max_train_steps:  # one cosine period over the longer run, not restarts of the preset's period
+        from train import PRESETS
+
+        period = args.max_train_steps - PRESETS["demo"]["num_warmup_steps"]
+        train += ["--max_train_steps", str(args.max_train_steps), "--cosine_period_steps", str(max(1, period))]
     run(train, "2. Extract BEATs features and train the Q-Former (accelerate launch train.py)")
 
     table_json = os.path.join(work, "table.json")
