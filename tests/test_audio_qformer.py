@@ -598,3 +598,18 @@ def test_rerank_scores_equal_pairwise_scores(tiny_model, processor):
                 torch.testing.assert_close(scores[query, position], logits[0, 1] + cosine, atol=1e-5, rtol=0)
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
     assert sorted(order[3].tolist()) == [1, 2, 5]  # only the query's own candidates, re-ordered
+
+
+def test_recorded_outputs_unchanged():
+    """A model saved by main before the architecture change (tests/fixtures) loads and gives the outputs recorded then."""
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, os.path.join(ROOT, "tests", "fixtures"))
+    from make_qformer_reference import MODEL_DIR, REFERENCE, outputs_of
+
+    recorded = load_file(REFERENCE)
+    inputs = {k[len("input.") :]: v for k, v in recorded.items() if k.startswith("input.")}
+    model = AudioQFormerModel.from_pretrained(MODEL_DIR).eval()
+    for name, value in outputs_of(model, inputs).items():
+        # BEATs' products may take another kernel (float32 rounding, ~1e-6 here); everything else follows.
+        torch.testing.assert_close(value.float(), recorded[f"output.{name}"], atol=2e-5, rtol=1e-5, msg=name)
