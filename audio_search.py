@@ -107,11 +107,12 @@ class AudioLibrary:
         model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it.
         keep_tokens (`bool`, defaults to `True`): also store each window's BEATs tokens, for re-ranking without
             decoding audio again (about 260 MB per hour of audio at 768 wide).
-        fast_cpu_encoder (`bool`, defaults to `False`): embed audio with BEATs' fast CPU copy
-            ([`BeatsModel.quantize_for_cpu`]: bfloat16 products, 1.5-1.7x the exact encoder's speed on a CPU with
-            bfloat16 instructions, embeddings within a cosine of 0.99999 of the exact ones). A property of the library,
-            recorded when it is created, so that all its clips are embedded the same way; an existing library keeps
-            its own setting.
+        fast_cpu_encoder (`bool`, defaults to `False`): on the CPU, embed audio with BEATs' bfloat16 copy
+            (`beats_cpu.cpu_copy(..., "fast")`: 1.5-1.7x the exact encoder's speed on a CPU with bfloat16 units,
+            embeddings within a cosine of 0.99999 of the exact ones; on a CPU without them, the exact path, with a
+            warning). A property of the library, recorded when it is created, so that all its clips are embedded the
+            same way; an existing library keeps its own setting. Otherwise the CPU runs BEATs' exact float32 copy
+            (`cpu_copy(..., "float32")`: oneDNN products, the model's numbers to float32 rounding).
     """
 
     def __init__(self, directory: str, model, processor, model_name: str | None = None, create: bool = False,
@@ -146,7 +147,7 @@ class AudioLibrary:
         self.embeddings = FeatureCache(directory, "embeddings", embed_width)
         self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
         self._live = None
-        self._audio_encoder = None  # BEATs' fast CPU copy, built on first use in a `fast_cpu_encoder` library
+        self._audio_encoder = None  # BEATs' CPU copy, built on first use (`beats_cpu.cpu_copy`)
         files_path = os.path.join(directory, LIBRARY_FILES)
         self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
 
@@ -188,10 +189,14 @@ class AudioLibrary:
         return torch.cat(embeds), tokens
 
     def _audio_hidden_states(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.config.get("fast_cpu_encoder"):  # libraries made before the setting existed: exact
+        if inputs["input_features"].device.type != "cpu":
             return self.model.get_audio_hidden_states(**inputs)
         if self._audio_encoder is None:
-            self._audio_encoder = self.model.audio_model.quantize_for_cpu()
+            from beats_cpu import cpu_copy
+
+            # Libraries made before the setting existed are exact.
+            precision = "fast" if self.config.get("fast_cpu_encoder") else "float32"
+            self._audio_encoder, _ = cpu_copy(self.model.audio_model, precision)
         outputs = self._audio_encoder(inputs["input_features"], inputs.get("feature_attention_mask"))
         return outputs.last_hidden_state, outputs.attention_mask
 
@@ -437,7 +442,8 @@ def main(argv=None):
     index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
     index.add_argument("--hop_seconds", type=float, default=HOP_SECONDS)
     index.add_argument("--fast_cpu", action="store_true",
-                       help="New library: embed with BEATs' bfloat16 CPU copy (1.5-1.7x faster, ~exact).")
+                       help="New library: embed with BEATs' bfloat16 CPU copy (1.5-1.7x faster, ~exact) where the "
+                            "CPU has bfloat16 units; elsewhere the exact path, with a warning.")
     index.add_argument("--vector_index", action="store_true",
                        help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
     search = commands.add_parser("search", help="Rank the library's files for a text.")

@@ -163,6 +163,14 @@ class BeatsConfig(PreTrainedConfig):
 # bert-base-uncased has 30522 tokens; the Q-Former adds `[DEC]`, which starts a generated caption (LAVIS
 # `Blip2Base.init_tokenizer`), as token 30522.
 BERT_BASE_VOCAB_SIZE_WITH_DEC = 30523
+DECODER_TOKEN = "[DEC]"
+
+
+def add_decoder_token(tokenizer):
+    """Make `[DEC]` the tokenizer's `bos_token`, adding it to the vocabulary if needed (in place; returns it)."""
+    if tokenizer.bos_token != DECODER_TOKEN:
+        tokenizer.add_special_tokens({"bos_token": DECODER_TOKEN})
+    return tokenizer
 
 
 @strict
@@ -280,4 +288,4 @@ AudioQFormerConfig.register_for_auto_class()
 BeatsConfig.register_for_auto_class()
 
 
-__all__ = ["AudioQFormerConfig", "BeatsConfig"]
+__all__ = ["AudioQFormerConfig", "BeatsConfig", "add_decoder_token"]

@@ -27,6 +27,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 from transformers.utils import ModelOutput, logging
@@ -36,11 +37,9 @@ from transformers.utils import ModelOutput, logging
 # shadow them. Installed or run from the repository they are top-level modules. (transformers' remote-code import
 # check skips `try` blocks.)
 try:
-    from .configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
-    from .processing_audio_qformer import add_decoder_token
+    from .configuration_audio_qformer import AudioQFormerConfig, BeatsConfig, add_decoder_token
 except ImportError:
-    from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
-    from processing_audio_qformer import add_decoder_token
+    from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig, add_decoder_token
 
 
 logger = logging.get_logger(__name__)
@@ -70,11 +69,15 @@ class BeatsModelOutput(ModelOutput):
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         The input of the first layer (after the positional convolution) and the output of every layer, each of shape
         `(batch_size, num_tokens, hidden_size)`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, returned when `output_attentions=True`):
+        Every layer's attention weights `(batch_size, heads, num_tokens, num_tokens)`, with the eager attention
+        (`attn_implementation="eager"`; SDPA does not return them).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     attention_mask: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device=None) -> torch.LongTensor:
@@ -126,137 +129,24 @@ def _scale_gradient(hidden_states: torch.Tensor, ratio: float) -> torch.Tensor:
     return detached + (hidden_states - detached) * ratio
 
 
-# oneDNN's float32 matrix product (the kernel torch.compile's CPU backend uses for linear layers), when this torch
-# build has it. It is not a public API, so it is looked up once and any failure falls back to `F.linear`.
-_ONEDNN_LINEAR = None
-if torch.backends.mkldnn.is_available():
-    _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-
-
-class _BeatsLinear(nn.Linear):
-    """
-    `nn.Linear` that runs CPU inference (no autograd) through oneDNN instead of `F.linear`'s MKL sgemm: the same
-    arithmetic (float32 outputs differ by rounding, ~1e-5 on BEATs' output), 10-20% faster on the CPU measured
-    (`benchmarks/RESULTS.md`). Everything else (training, GPU, other dtypes) takes `F.linear`.
-    """
-
-    def _onednn_weight(self) -> torch.Tensor:
-        return self.weight
-
-    def _onednn(self, input: torch.Tensor, post_op: str, algorithm: str) -> torch.Tensor | None:
-        global _ONEDNN_LINEAR
-        if (
-            _ONEDNN_LINEAR is None
-            or input.device.type != "cpu"
-            or input.dtype != self.weight.dtype
-            or input.dtype not in (torch.float32, torch.bfloat16)
-            or not input.is_contiguous()
-            or torch.is_grad_enabled()
-        ):
-            return None
-        try:
-            return _ONEDNN_LINEAR(input, self._onednn_weight(), self.bias, post_op, [], algorithm)
-        except RuntimeError as error:  # a torch build whose private ops differ: use the public path from now on
-            logger.warning_once(f"oneDNN linear unavailable ({error}); BEATs uses torch.nn.functional.linear.")
-            _ONEDNN_LINEAR = None
-            return None
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = self._onednn(input, "none", "")
-        return F.linear(input, self.weight, self.bias) if output is None else output
-
-    def forward_gelu(self, input: torch.Tensor) -> torch.Tensor:
-        """
-        `gelu(self(input))` with the exact (erf) GELU, which oneDNN applies as the product is written (the same
-        numbers as a separate `F.gelu`): at batch 8 the separate pass over the (batch, tokens, 3072) activations costs
-        more than twice as much per clip as at batch 1, once they no longer fit in the cache. Skips forward hooks.
-        """
-        output = self._onednn(input, "gelu", "none")  # algorithm "none" is the erf GELU ("tanh": the approximation)
-        return F.gelu(F.linear(input, self.weight, self.bias)) if output is None else output
-
-
-class _ReducedPrecisionLinear(_BeatsLinear):
-    """
-    A linear layer whose weight is stored in a reduced precision (bfloat16), for `BeatsModel.quantize_for_cpu`. Its
-    input is cast to the weight's dtype and its output stays in it, so that consecutive products (q/k/v then
-    attention, fc1 then GELU then fc2) need no casts; adding the output to a float32 residual promotes the sum back to
-    float32.
-
-    For oneDNN it also keeps the weight in oneDNN's own blocked layout, built on first use and rebuilt if the weight
-    changes: given the plain weight, oneDNN reorders it on every call, and BEATs' bfloat16 products ran 6-10% faster
-    without that (`benchmarks/RESULTS.md`). The packed copy is an opaque tensor that can be neither copied nor
-    pickled, so copies of the module leave it out and build their own.
-    """
-
-    def _onednn_weight(self) -> torch.Tensor:
-        # Inference tensors (weights copied under `torch.inference_mode`) keep no version counter.
-        key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
-        if self.__dict__.get("_packed_key") != key:
-            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-            self._packed_key = key
-        return self._packed_weight
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_packed_weight", None)
-        state.pop("_packed_key", None)
-        return state
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return super().forward(input.to(self.weight.dtype))
-
-    def forward_gelu(self, input: torch.Tensor) -> torch.Tensor:
-        return super().forward_gelu(input.to(self.weight.dtype))
-
-
-class _ReducedPrecisionConv1d(nn.Conv1d):
-    """The positional convolution's counterpart of `_ReducedPrecisionLinear`."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input.to(self.weight.dtype), self.weight, self.bias)
-
-
-def attention_by_products(
+def eager_attention_forward(
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attn_bias: torch.Tensor | None = None,
-    overwrite_bias: bool = False,
-) -> torch.Tensor:
-    """
-    `softmax(query key^T / sqrt(head_dim) + attn_bias) value` as two batched matrix products and a softmax, all in the
-    inputs' dtype: the attention of `F.scaled_dot_product_attention` without dropout. `attn_bias` broadcasts to
-    `(batch, heads, length, key_length)`. With `overwrite_bias`, `attn_bias` (then of exactly that shape, contiguous,
-    in the query's dtype) receives the scores: BEATs passes its per-layer scratch buffer, which saves allocating 6 MB
-    per layer and clip.
-
-    Why: in bfloat16 on the CPU measured, SDPA's flash kernel took 5.9 ms per BEATs layer and clip (no faster than in
-    float32), these products 3.2 ms; in float32 SDPA is the faster one, so only bfloat16 CPU inference uses this.
-    """
-    batch, heads, length, head_dim = query.shape
-    key_length = key.shape[-2]
-    scores_shape = (batch, heads, length, key_length)
-    if overwrite_bias:
-        if attn_bias is None or attn_bias.shape != scores_shape or attn_bias.dtype != query.dtype:
-            raise ValueError(f"overwrite_bias needs a {query.dtype} bias of shape {scores_shape}")
-        scores = attn_bias
-    else:
-        scores = query.new_empty(scores_shape)
-        if attn_bias is not None:
-            scores.copy_(attn_bias.expand(scores_shape))
-    flat_scores = scores.view(batch * heads, length, key_length)  # a view: the scores land in `scores`
-    flat_scores.baddbmm_(
-        query.reshape(batch * heads, length, head_dim),
-        key.reshape(batch * heads, key_length, head_dim).transpose(1, 2),
-        beta=0.0 if attn_bias is None else 1.0,  # beta 0 ignores the uninitialised scores
-        alpha=head_dim**-0.5,
-    )
-    output = torch.bmm(flat_scores.softmax(-1), value.reshape(batch * heads, key_length, head_dim))
-    return output.view(batch, heads, length, head_dim)
-
-
-# Modules `BeatsModel.quantize_for_cpu` converts, and what they become (same parameters, another forward).
-_REDUCED_PRECISION_MODULES = {_BeatsLinear: _ReducedPrecisionLinear, nn.Conv1d: _ReducedPrecisionConv1d}
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention as explicit products (transformers' eager attention, as in CLAP); `attention_mask` is additive."""
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
 
 
 class BeatsAttention(nn.Module):
@@ -266,22 +156,27 @@ class BeatsAttention(nn.Module):
     Each head adds `gate[h, i] * bias[h, i, j]` to its logits, where `bias` is the shared relative-position table and
     `gate = a * (b * grep_a[h] - 1) + 2` with `(a, b) = sigmoid` of a linear map of the head's *projected* query
     (unilm `beats/backbone.py`, `MultiheadAttention.forward`; WavLM gates with the layer input instead). The official
-    code's scaling trick (q / 8 / 32, subtract the row max, times 32) equals plain 1/8 scaling, so SDPA runs it.
+    code's scaling trick (q / 8 / 32, subtract the row max, times 32) equals plain 1/8 scaling, so any attention
+    implementation of transformers that takes an additive mask runs it (`config._attn_implementation`: "sdpa" by
+    default, "eager").
     """
 
     def __init__(self, config: BeatsConfig):
         super().__init__()
+        self.config = config
         self.num_heads = config.encoder_attention_heads
         self.head_dim = config.encoder_embed_dim // config.encoder_attention_heads
+        self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
+        self.is_causal = False
         width = config.encoder_embed_dim
-        self.q_proj = _BeatsLinear(width, width)
-        self.k_proj = _BeatsLinear(width, width)
-        self.v_proj = _BeatsLinear(width, width)
-        self.out_proj = _BeatsLinear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
         self.gru_rel_pos = config.gru_rel_pos
         if config.gru_rel_pos:
-            self.grep_linear = _BeatsLinear(self.head_dim, 8)
+            self.grep_linear = nn.Linear(self.head_dim, 8)
             self.grep_a = nn.Parameter(torch.ones(1, self.num_heads, 1, 1))
 
     def forward(
@@ -290,16 +185,19 @@ class BeatsAttention(nn.Module):
         position_bias: torch.Tensor | None = None,
         key_padding_bias: torch.Tensor | None = None,
         attn_bias_buffer: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         `position_bias` `(1, heads, length, length)` is the shared, ungated table; `key_padding_bias`
         `(batch, 1, 1, length)` is 0 for real keys and very negative for padding. `attn_bias_buffer`, a
         `(batch, heads, length, length)` tensor the encoder allocates once per pass (without autograd), receives this
         layer's bias: writing a fresh tensor of that size in every layer costs more than the product itself at batch 8.
+        Returns the output and the attention weights (eager attention only, else `None`).
         """
         batch_size, length, width = hidden_states.shape
         shape = (batch_size, length, self.num_heads, self.head_dim)
-        # Cast once for the three projections (a no-op unless `BeatsModel.quantize_for_cpu` lowered their precision).
+        # Cast once for the three projections (a no-op unless their weights are in another dtype than the residual
+        # stream, as in `beats_cpu`'s bfloat16 copy).
         hidden_states = hidden_states.to(self.q_proj.weight.dtype)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -322,22 +220,18 @@ class BeatsAttention(nn.Module):
                 attn_bias = position_bias
         if attn_bias is not None:
             attn_bias = attn_bias.to(query.dtype)
+        # A bias written into the per-pass buffer is this layer's own: an implementation may overwrite it with the
+        # scores (`beats_cpu`'s bfloat16 products do; transformers' own implementations ignore the flag).
+        scratch = attn_bias is not None and attn_bias_buffer is not None and attn_bias.data_ptr() == attn_bias_buffer.data_ptr()
 
-        if query.dtype == torch.bfloat16 and query.device.type == "cpu" and not torch.is_grad_enabled():
-            # The fast CPU copy (`BeatsModel.quantize_for_cpu`): explicit products beat SDPA's flash kernel in bfloat16.
-            # Where this layer's bias was written into the per-pass buffer, the scores may overwrite it.
-            in_buffer = (
-                attn_bias is not None
-                and attn_bias_buffer is not None
-                and attn_bias.data_ptr() == attn_bias_buffer.data_ptr()
-            )
-            attn_output = attention_by_products(query, key, value, attn_bias, overwrite_bias=in_buffer)
-        else:
-            attn_output = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attn_bias, dropout_p=self.dropout if self.training else 0.0
-            )
-        attn_output = attn_output.transpose(1, 2).reshape(batch_size, length, width)
-        return self.out_proj(attn_output)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, attn_bias, dropout=self.dropout if self.training else 0.0, scaling=self.scaling,
+            attention_mask_is_scratch=scratch, **kwargs,
+        )  # fmt: skip
+        return self.out_proj(attn_output.reshape(batch_size, length, width)), attn_weights
 
 
 class BeatsEncoderLayer(nn.Module):
@@ -350,11 +244,10 @@ class BeatsEncoderLayer(nn.Module):
         self.residual_scale = (2 * config.encoder_layers) ** 0.25 if config.deep_norm else 1.0
         self.self_attn = BeatsAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(config.encoder_embed_dim, eps=config.layer_norm_eps)
-        self.fc1 = _BeatsLinear(config.encoder_embed_dim, config.encoder_ffn_embed_dim)
-        self.fc2 = _BeatsLinear(config.encoder_ffn_embed_dim, config.encoder_embed_dim)
+        self.fc1 = nn.Linear(config.encoder_embed_dim, config.encoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_embed_dim, config.encoder_embed_dim)
         self.final_layer_norm = nn.LayerNorm(config.encoder_embed_dim, eps=config.layer_norm_eps)
         self.activation = ACT2FN[_BEATS_ACTIVATIONS[config.activation_fn]]
-        self.fused_gelu = config.activation_fn == "gelu"  # exact GELU, which fc1 can apply itself (`forward_gelu`)
         self.dropout = nn.Dropout(config.dropout)
         self.activation_dropout = nn.Dropout(config.activation_dropout)
         if config.deep_norm:
@@ -373,23 +266,21 @@ class BeatsEncoderLayer(nn.Module):
                 linear.deep_norm_gain = gain
 
     def _feed_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.fused_gelu and isinstance(self.fc1, _BeatsLinear):
-            hidden_states = self.fc1.forward_gelu(hidden_states)
-        else:
-            hidden_states = self.activation(self.fc1(hidden_states))
-        hidden_states = self.activation_dropout(hidden_states)
+        hidden_states = self.activation_dropout(self.activation(self.fc1(hidden_states)))
         return self.dropout(self.fc2(hidden_states))
 
-    def forward(self, hidden_states, position_bias=None, key_padding_bias=None, attn_bias_buffer=None) -> torch.Tensor:
+    def forward(
+        self, hidden_states, position_bias=None, key_padding_bias=None, attn_bias_buffer=None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.layer_norm_first:
-            attended = self.self_attn(
-                self.self_attn_layer_norm(hidden_states), position_bias, key_padding_bias, attn_bias_buffer
+            attended, attn_weights = self.self_attn(
+                self.self_attn_layer_norm(hidden_states), position_bias, key_padding_bias, attn_bias_buffer, **kwargs
             )
             hidden_states = hidden_states + self.dropout(attended)
-            return hidden_states + self._feed_forward(self.final_layer_norm(hidden_states))
-        attended = self.self_attn(hidden_states, position_bias, key_padding_bias, attn_bias_buffer)
+            return hidden_states + self._feed_forward(self.final_layer_norm(hidden_states)), attn_weights
+        attended, attn_weights = self.self_attn(hidden_states, position_bias, key_padding_bias, attn_bias_buffer, **kwargs)
         hidden_states = self.self_attn_layer_norm(hidden_states * self.residual_scale + self.dropout(attended))
-        return self.final_layer_norm(hidden_states * self.residual_scale + self._feed_forward(hidden_states))
+        return self.final_layer_norm(hidden_states * self.residual_scale + self._feed_forward(hidden_states)), attn_weights
 
 
 class BeatsEncoder(nn.Module):
@@ -422,7 +313,7 @@ class BeatsEncoder(nn.Module):
         # stride of `heads` costs each layer twice as much.
         return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).contiguous()
 
-    def forward(self, hidden_states, attention_mask=None, output_hidden_states=False):
+    def forward(self, hidden_states, attention_mask=None, output_hidden_states=False, output_attentions=False, **kwargs):
         key_padding_bias = None
         if attention_mask is not None:
             # Padding tokens are zeroed before the positional convolution, so that real tokens near the end of a
@@ -444,23 +335,30 @@ class BeatsEncoder(nn.Module):
         attn_bias_buffer = None
         needs_full_bias = position_bias is not None and (self.config.gru_rel_pos or key_padding_bias is not None)
         if needs_full_bias and len(self.layers) and not torch.is_grad_enabled():  # `out=` cannot record autograd
-            # Attention runs in the dtype of the projections (bfloat16 in `BeatsModel.quantize_for_cpu`'s copy).
+            # In the dtype of the projections, which attention runs in (bfloat16 in `beats_cpu.fast_cpu_copy`'s copy).
             attn_bias_buffer = hidden_states.new_empty(
                 (batch_size, self.config.encoder_attention_heads, length, length),
                 dtype=self.layers[0].self_attn.q_proj.weight.dtype,
             )
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.layers:
             hidden_states = _scale_gradient(hidden_states, self.config.layer_wise_gradient_decay_ratio)
+            attn_weights = None
             if self.training and torch.rand([]).item() < self.config.encoder_layerdrop:
                 pass  # LayerDrop: skip the layer (training mode only)
             else:
-                hidden_states = layer(hidden_states, position_bias, key_padding_bias, attn_bias_buffer)
+                hidden_states, attn_weights = layer(
+                    hidden_states, position_bias, key_padding_bias, attn_bias_buffer, output_attentions=output_attentions,
+                    **kwargs,
+                )  # fmt: skip
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
         if self.config.layer_norm_first:
             hidden_states = self.layer_norm(hidden_states)
-        return hidden_states, all_hidden_states
+        return hidden_states, all_hidden_states, all_attentions
 
 
 class BeatsPreTrainedModel(PreTrainedModel):
@@ -468,7 +366,7 @@ class BeatsPreTrainedModel(PreTrainedModel):
     base_model_prefix = "beats"
     main_input_name = "input_features"
     input_modalities = "audio"
-    _supports_sdpa = True  # attention always runs through torch's scaled_dot_product_attention
+    _supports_sdpa = True  # "sdpa" (default) and "eager"; flash attention takes no additive bias
     supports_gradient_checkpointing = False  # the encoder is frozen in this project
     _no_split_modules = ["BeatsEncoderLayer"]
 
@@ -527,7 +425,7 @@ class BeatsModel(BeatsPreTrainedModel):
         )
         self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
         self.post_extract_proj = (
-            _BeatsLinear(config.embed_dim, config.encoder_embed_dim)
+            nn.Linear(config.embed_dim, config.encoder_embed_dim)
             if config.embed_dim != config.encoder_embed_dim
             else None
         )
@@ -543,6 +441,7 @@ class BeatsModel(BeatsPreTrainedModel):
         input_features: torch.Tensor,
         feature_attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> BeatsModelOutput | tuple:
@@ -554,12 +453,15 @@ class BeatsModel(BeatsPreTrainedModel):
                 1 for real frames, 0 for trailing padding. Without it every frame counts as real.
             output_hidden_states (`bool`, *optional*):
                 Whether to return every layer's output as well.
+            output_attentions (`bool`, *optional*):
+                Whether to return every layer's attention weights (with `attn_implementation="eager"`).
             return_dict (`bool`, *optional*):
                 Return a [`BeatsModelOutput`] (default) or a tuple.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         patch = self.config.input_patch_size
         if input_features.dim() != 3:
@@ -589,52 +491,16 @@ class BeatsModel(BeatsPreTrainedModel):
         encoder_mask = None
         if feature_attention_mask is not None and not bool(attention_mask.all()):
             encoder_mask = attention_mask
-        hidden_states, all_hidden_states = self.encoder(hidden_states, encoder_mask, output_hidden_states)
-
-        if not return_dict:
-            return tuple(v for v in (hidden_states, attention_mask, all_hidden_states) if v is not None)
-        return BeatsModelOutput(
-            last_hidden_state=hidden_states, attention_mask=attention_mask, hidden_states=all_hidden_states
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            hidden_states, encoder_mask, output_hidden_states, output_attentions
         )
 
-    def quantize_for_cpu(self) -> "BeatsModel":
-        r"""
-        A copy of this encoder for fast CPU inference, e.g. to index a large sound library; this model is unchanged
-        and stays the exact (float32) reference.
-
-        In the copy, the positional convolution and every linear layer of the transformer layers (query, key, value
-        and output projections, the relative-position gates, the feed-forward) hold bfloat16 weights (in oneDNN's
-        packed layout as well), and these products and the attention run in bfloat16 with float32 accumulation; the
-        attention as explicit products (`attention_by_products`), which beat SDPA's kernel in bfloat16 on the CPU. The
-        patch embedding, the residual sums and the layer norms stay in float32, and the output is float32.
-
-        On a CPU with bfloat16 instructions (AVX512-BF16 or AMX: AMD Zen 4 and later, Intel Cooper Lake, Sapphire
-        Rapids and later) the copy ran 1.5-1.7x as fast as the float32 model and 2.2-2.7x as fast as the official code
-        (`benchmarks/RESULTS.md`, 2 cores); without them bfloat16 is emulated and can be slower. With random iter3+
-        weights and 10 s clips, its tokens kept a cosine similarity above 0.99999 to the exact ones (above 0.9998 for
-        random-noise fbank input), and so did the Q-Former's audio embeddings computed from them;
-        `benchmarks/beats_speed.py` measures both. Check the cosine on your own data before indexing with it. int8 dynamic quantization
-        (`torch.ao.quantization.quantize_dynamic`) was another 1.2x faster but 400x further from the exact tokens
-        (1 - cosine 3e-4 against 7e-7), and torch deprecates it.
-
-        The copy is for inference only (eval mode, no gradients); save the exact model, not the copy.
-
-        Example:
-
-        ```python
-        >>> fast_model = model.quantize_for_cpu()
-        >>> with torch.inference_mode():
-        ...     tokens = fast_model(**feature_extractor(waveforms, sampling_rate=16000, return_tensors="pt"))
-        ```"""
-        import copy
-
-        fast = copy.deepcopy(self).eval().requires_grad_(False)
-        for module in [fast.encoder.pos_conv, *fast.encoder.layers.modules()]:
-            if type(module) in _REDUCED_PRECISION_MODULES:
-                # Same parameters (now bfloat16), a forward that casts its input: swapping the class keeps the
-                # module's place, name and hooks in the copy.
-                module.to(torch.bfloat16).__class__ = _REDUCED_PRECISION_MODULES[type(module)]
-        return fast
+        if not return_dict:
+            return tuple(v for v in (hidden_states, attention_mask, all_hidden_states, all_attentions) if v is not None)
+        return BeatsModelOutput(
+            last_hidden_state=hidden_states, attention_mask=attention_mask, hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )  # fmt: skip
 
     @classmethod
     def from_original_checkpoint(cls, checkpoint_path: str | os.PathLike, **config_overrides) -> "BeatsModel":

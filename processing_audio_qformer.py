@@ -18,6 +18,13 @@ from transformers.audio_utils import mel_filter_bank, window_function
 from transformers.utils import TensorType, logging
 
 
+# Relative first, as in the modeling file: as Hub remote code the three files form one package.
+try:
+    from .configuration_audio_qformer import add_decoder_token
+except ImportError:
+    from configuration_audio_qformer import add_decoder_token
+
+
 logger = logging.get_logger(__name__)
 
 # Kaldi floors the mel energies at float32 machine epsilon before the log.
@@ -314,17 +321,6 @@ class BeatsFeatureExtractor(SequenceFeatureExtractor):
             outputs["feature_attention_mask"] = padded["attention_mask"]
         # `pad` leaves unpadded ragged lists as lists; tensors need one array per key.
         return BatchFeature(outputs, tensor_type=return_tensors)
-
-
-# The token that starts a caption in the Q-Former's generation mode (LAVIS `Blip2Base.init_tokenizer`).
-DECODER_TOKEN = "[DEC]"
-
-
-def add_decoder_token(tokenizer):
-    """Make `[DEC]` the tokenizer's `bos_token`, adding it to the vocabulary if needed (in place; returns it)."""
-    if tokenizer.bos_token != DECODER_TOKEN:
-        tokenizer.add_special_tokens({"bos_token": DECODER_TOKEN})
-    return tokenizer
 
 
 class AudioQFormerProcessor(ProcessorMixin):

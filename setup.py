@@ -19,6 +19,7 @@ setup(
         "processing_audio_qformer",
         "audio_search",
         "audio_text_data",
+        "beats_cpu",
         "feature_cache",
         "retrieval",
         "vector_search",

@@ -4,8 +4,11 @@
         [--batch_sizes 1 8] [--repeats 5] [--threads N] [--baseline_rev GIT_REV] [--skip_qformer] [--device cuda]
 
 Builds the iter3+ AS2M architecture (768 wide, 12 layers) in the official code with random, non-trivial weights,
-saves it in the official checkpoint format and loads that file into `BeatsModel`, whose fast CPU copy
-(`BeatsModel.quantize_for_cpu`, bfloat16 matrix products) is timed too. Inputs are the fbank of 10 s clips from
+saves it in the official checkpoint format and loads that file into `BeatsModel`. Timed: the official model, the
+model as it ships ("model": public torch only, SDPA), its exact CPU copy ("ours": `beats_cpu.cpu_copy(model,
+"float32")`, oneDNN products, what `audio-qformer index` runs) and its fast copy ("fast": `cpu_copy(model, "fast")`,
+bfloat16 products where the CPU has bfloat16 units, else the float32 path; the CPU's flags and the path chosen are
+printed). Inputs are the fbank of 10 s clips from
 `BeatsFeatureExtractor`; ours is called as users call it (`model(**features)`, mask included), the official model gets
 the same fbank through `extract_features`. All sides run under `torch.inference_mode()`, interleaved in one process
 (see `bench_utils.interleaved_timing`); the table gives clips per second (median) and ratios.
@@ -14,8 +17,8 @@ Accuracy: the largest absolute difference between ours and the official output; 
 the fast copy's tokens to the exact ones; and, unless `--skip_qformer`, the cosine of the Q-Former's audio embeddings
 (`AudioQFormerModel.from_components` with this encoder and the packaged MiniLM, random cross-attention) computed from
 the fast tokens against those computed from the exact tokens. `--baseline_rev` also times `BeatsModel` as it was at
-that git revision (e.g. the commit before an optimisation), and its fast copy where it had one, for before/after
-ratios.
+that git revision (e.g. the commit before an optimisation), and its fast copy where it had one
+(`BeatsModel.quantize_for_cpu` before the copies moved to `beats_cpu`), for before/after ratios.
 
 `--device cuda` runs every side on the GPU (the fast copy there is the same bfloat16-weight model: bfloat16 against
 float32 on the GPU, with the output difference); the issue's clips/s goals are for the CPU and are not judged there.
@@ -44,6 +47,7 @@ from bench_utils import (  # noqa: E402
     print_table,
 )
 from compare_beats_official import official_cfg, test_waveforms  # noqa: E402
+from beats_cpu import cpu_copy, cpu_flags  # noqa: E402
 from configuration_audio_qformer import BeatsConfig  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel, BeatsModel  # noqa: E402
 from official_beats import (  # noqa: E402
@@ -126,9 +130,12 @@ def main():
             module = import_module_at_revision(args.baseline_rev, "modeling_audio_qformer.py", "baseline_modeling")
             baseline = module.BeatsModel.from_original_checkpoint(path)
     device = torch.device(args.device)
-    reference, ours = reference.to(device), ours.to(device)
+    reference, model = reference.to(device), ours.to(device)
     baseline = baseline.to(device) if baseline is not None else None
-    fast = ours.quantize_for_cpu()
+    ours, _ = cpu_copy(model, "float32")
+    fast, fast_precision = cpu_copy(model, "fast")
+    bfloat16_flags = sorted({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    print(f"CPU bfloat16 units: {', '.join(bfloat16_flags) or 'none'}; the fast copy runs in {fast_precision}")
     # The baseline revision's fast copy too, where it had one: before/after ratios of the fast mode.
     baseline_fast = baseline.quantize_for_cpu() if hasattr(baseline, "quantize_for_cpu") else None
     feature_extractor = BeatsFeatureExtractor()
@@ -136,7 +143,8 @@ def main():
 
     info = machine_info(device)
     print_machine(info)
-    results = {"machine": info, "args": vars(args), "batches": {}}
+    results = {"machine": info, "args": vars(args), "batches": {}, "fast_precision": fast_precision,
+               "cpu_bfloat16_flags": bfloat16_flags}  # fmt: skip
     exact_outputs = None
     for batch_size in args.batch_sizes:
         inputs = feature_extractor(waveforms[:batch_size], sampling_rate=16000, return_tensors="pt").to(device)
@@ -149,12 +157,14 @@ def main():
             row = {
                 "gflop_per_clip": gflop_per_clip(config, fbank.shape[1]),
                 "max_abs_diff_ours_vs_official": (exact.last_hidden_state - theirs).abs().max().item(),
+                "max_abs_diff_model_vs_official": (model(**inputs).last_hidden_state - theirs).abs().max().item(),
                 "fast_token_cosine_min": cosine.min().item(),
                 "fast_token_cosine_mean": cosine.mean().item(),
                 "fast_max_abs_diff_vs_exact": (fast_tokens - exact.last_hidden_state).abs().max().item(),
             }
             sides = {
                 "official": lambda: official_features(reference, fbank),
+                "model": lambda: model(**inputs),
                 "ours": lambda: ours(**inputs),
                 "ours_fast": lambda: fast(**inputs),
             }
@@ -176,7 +186,7 @@ def main():
         print(f"batch {batch_size}: " + ", ".join(f"{k} {v:.3f} clips/s" for k, v in row["clips_per_second"].items()))
 
     if not args.skip_qformer:
-        results["qformer"] = qformer_cosine(ours.cpu(), *exact_outputs)
+        results["qformer"] = qformer_cosine(model.cpu(), *exact_outputs)
     info_after = machine_info()
     results["load_average_after"] = info_after.get("load_average_1_5_15min")
     report(results, baseline is not None)
@@ -223,7 +233,8 @@ def qformer_cosine(ours: BeatsModel, exact_tokens, token_mask, fast_tokens) -> d
 
 
 def report(results: dict, with_baseline: bool) -> None:
-    header = ["batch", "official clips/s", "ours clips/s", "ours / official", "fast clips/s", "fast / official"]
+    header = ["batch", "official clips/s", "model clips/s", "ours clips/s", "ours / official", "fast clips/s",
+              "fast / official", "fast / ours"]  # fmt: skip
     if with_baseline:
         header += ["baseline clips/s", "ours / baseline"]
         if any("baseline_fast" in row["clips_per_second"] for row in results["batches"].values()):
@@ -236,10 +247,12 @@ def report(results: dict, with_baseline: bool) -> None:
         line = [
             batch_size,
             f"{speed['official']:.3f}",
+            f"{speed['model']:.3f}",
             f"{speed['ours']:.3f}",
             f"{speed['ours'] / speed['official']:.2f}x",
             f"{speed['ours_fast']:.3f}",
             f"{speed['ours_fast'] / speed['official']:.2f}x",
+            f"{speed['ours_fast'] / speed['ours']:.2f}x",
         ]
         if with_baseline:
             line += [f"{speed['baseline']:.3f}", f"{speed['ours'] / speed['baseline']:.2f}x"]

@@ -1,4 +1,4 @@
-"""Speed work on BEATs and its fbank: the exact paths give what they gave before; the fast CPU copy stays close."""
+"""Speed work on BEATs and its fbank: the exact paths give what they gave before; the CPU copies (`beats_cpu`) stay close."""
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ from conftest import make_waveform
 from references import randomize_beats_parameters
 from transformers.audio_utils import spectrogram
 
+from beats_cpu import OneDnnLinear, _onednn_linear, bfloat16_products_attention, cpu_copy
 from configuration_audio_qformer import BeatsConfig
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import KALDI_LOG_FLOOR, BeatsFeatureExtractor
@@ -72,11 +73,12 @@ def test_mask_without_padding_changes_nothing(tiny_beats_config, padded_inputs):
 def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inputs):
     with torch.inference_mode():
         before = medium_model(**padded_inputs)
-    fast = medium_model.quantize_for_cpu()
+    fast, precision = cpu_copy(medium_model, "bfloat16")
     with torch.inference_mode():
         after = medium_model(**padded_inputs)
         quick = fast(**padded_inputs)
-    # The original is untouched: float32 weights, the same output to the bit.
+    # The original is untouched: float32 weights, its attention, the same output to the bit.
+    assert precision == "bfloat16" and medium_model.config._attn_implementation == "sdpa"
     assert all(p.dtype == torch.float32 for p in medium_model.parameters())
     assert torch.equal(before.last_hidden_state, after.last_hidden_state)
     # The copy multiplies in bfloat16 but returns float32 tokens and the same token mask.
@@ -95,15 +97,34 @@ def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inpu
     assert (quick.last_hidden_state - before.last_hidden_state).abs().max() > 1e-4
 
 
+def test_float32_copy_equals_the_model(medium_model, padded_inputs):
+    exact, precision = cpu_copy(medium_model, "float32")
+    assert precision == "float32" and isinstance(exact.encoder.layers[0].fc1, OneDnnLinear)
+    with torch.inference_mode():
+        reference = medium_model(**padded_inputs).last_hidden_state
+        ours = exact(**padded_inputs).last_hidden_state
+    torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)  # float32 rounding of another kernel
+
+
+def test_fast_copy_chooses_its_precision_from_the_cpu(medium_model, monkeypatch):
+    import beats_cpu
+
+    monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
+    fast, precision = cpu_copy(medium_model, "fast")
+    assert precision == "float32" and fast.encoder.layers[0].fc1.weight.dtype == torch.float32
+    monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    fast, precision = cpu_copy(medium_model, "fast")
+    assert precision == "bfloat16" and fast.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        cpu_copy(medium_model, "int4")
+
+
 def test_fast_copy_survives_copying_and_pickling(medium_model, padded_inputs):
     # The copy's linear layers keep oneDNN's packed weights, opaque tensors that cannot be copied: copies rebuild them.
     import copy
     import pickle
 
-    import modeling_audio_qformer
-
-    onednn_before = modeling_audio_qformer._ONEDNN_LINEAR
-    fast = medium_model.quantize_for_cpu()
+    fast, _ = cpu_copy(medium_model, "bfloat16")
     with torch.inference_mode():
         first = fast(**padded_inputs).last_hidden_state
         copied = copy.deepcopy(fast)
@@ -116,49 +137,43 @@ def test_fast_copy_survives_copying_and_pickling(medium_model, padded_inputs):
         assert not torch.equal(fast(**padded_inputs).last_hidden_state, first)
         fc1.weight.mul_(2.0)  # exact in bfloat16 (a power of two)
         assert torch.equal(fast(**padded_inputs).last_hidden_state, first)
-    # and none of this made the fast path give up oneDNN (a failure there falls back to F.linear for good)
-    assert modeling_audio_qformer._ONEDNN_LINEAR is onednn_before
 
 
-def test_reduced_precision_linear_equals_f_linear_in_bfloat16():
-    import modeling_audio_qformer
-
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_linear_equals_f_linear(dtype):
     torch.manual_seed(0)
-    linear = modeling_audio_qformer._BeatsLinear(64, 96).to(torch.bfloat16)
-    linear.__class__ = modeling_audio_qformer._ReducedPrecisionLinear
-    x = torch.randn(2, 9, 64)
+    plain = torch.nn.Linear(48, 96)
+    linear, fused = OneDnnLinear.from_linear(plain, dtype), OneDnnLinear.from_linear(plain, dtype, gelu=True)
+    x = torch.randn(2, 7, 48)
     with torch.inference_mode():
-        output, fused = linear(x), linear.forward_gelu(x)
-        reference = F.linear(x.bfloat16(), linear.weight, linear.bias)
-    assert output.dtype == torch.bfloat16
-    torch.testing.assert_close(output.float(), reference.float(), atol=2e-2, rtol=1e-2)  # bfloat16 rounding
-    torch.testing.assert_close(fused.float(), F.gelu(reference.float()), atol=2e-2, rtol=1e-2)
-    if modeling_audio_qformer._ONEDNN_LINEAR is not None:
+        output, activated = linear(x), fused(x)
+    reference = F.linear(x.to(dtype), linear.weight, linear.bias).float()
+    tolerance = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)  # bfloat16 rounding
+    assert output.dtype == dtype
+    torch.testing.assert_close(output.float(), reference, **tolerance)
+    torch.testing.assert_close(activated.float(), F.gelu(reference), **tolerance)  # exact (erf) GELU, not tanh
+    if dtype == torch.bfloat16 and _onednn_linear() is not None:
         assert linear.__dict__.get("_packed_weight") is not None  # the oneDNN path ran, with the packed weight
+    with torch.enable_grad():  # autograd takes F.linear
+        assert OneDnnLinear.from_linear(plain, dtype).requires_grad_()(x).grad_fn is not None
 
 
-@pytest.mark.parametrize("bias", ["none", "broadcast", "full", "overwrite"])
-def test_attention_by_products_equals_sdpa(bias):
-    from modeling_audio_qformer import attention_by_products
-
+@pytest.mark.parametrize("bias", ["none", "broadcast", "full", "scratch"])
+def test_bfloat16_products_attention_equals_sdpa(bias):
     torch.manual_seed(0)
     query, key, value = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 5, 16), torch.randn(2, 3, 5, 16)
-    attn_bias = {
-        "none": None,
-        "broadcast": torch.randn(1, 3, 7, 5),
-        "full": torch.randn(2, 3, 7, 5),
-        "overwrite": torch.randn(2, 3, 7, 5),
-    }[bias]
+    attn_bias = {"none": None, "broadcast": torch.randn(1, 3, 7, 5), "full": torch.randn(2, 3, 7, 5),
+                 "scratch": torch.randn(2, 3, 7, 5)}[bias]  # fmt: skip
     original = None if attn_bias is None else attn_bias.clone()
-    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias)
-    ours = attention_by_products(query, key, value, attn_bias, overwrite_bias=bias == "overwrite")
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
-    if bias == "overwrite":  # the scratch bias now holds the scores
+    reference = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_bias).transpose(1, 2)
+    ours, weights = bfloat16_products_attention(None, query, key, value, attn_bias, scaling=16**-0.5,
+                                                attention_mask_is_scratch=bias in ("scratch", "broadcast"))  # fmt: skip
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)  # in float32 it is exact attention
+    assert weights is None
+    if bias == "scratch":  # the layer's own buffer now holds the scores
         assert not torch.equal(attn_bias, original)
-    elif attn_bias is not None:  # a bias it may not overwrite is left alone
+    elif attn_bias is not None:  # anything else is left alone (a broadcast bias is never written over)
         assert torch.equal(attn_bias, original)
-    with pytest.raises(ValueError, match="overwrite_bias"):
-        attention_by_products(query, key, value, torch.zeros(1, 3, 7, 5), overwrite_bias=True)
 
 
 @pytest.mark.parametrize("kind", ["mix", "chirp", "quiet"])
@@ -184,20 +199,3 @@ def test_vectorised_fbank_equals_transformers_spectrogram(kind):
     ours = extractor(waveform, sampling_rate=16000, return_tensors="np")["input_features"][0]
     assert ours.shape == reference.shape == (198, 128)
     np.testing.assert_allclose(ours, reference, atol=1e-4, rtol=0)
-
-
-def test_onednn_linear_matches_f_linear():
-    import modeling_audio_qformer
-
-    if modeling_audio_qformer._ONEDNN_LINEAR is None:
-        pytest.skip("this torch build has no oneDNN linear; BEATs uses F.linear")
-    torch.manual_seed(0)
-    linear = modeling_audio_qformer._BeatsLinear(48, 96)
-    x = torch.randn(2, 7, 48)
-    with torch.inference_mode():
-        fast, fused = linear(x), linear.forward_gelu(x)
-    reference = F.linear(x, linear.weight, linear.bias)
-    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
-    torch.testing.assert_close(fused, F.gelu(fast), atol=1e-6, rtol=0)  # exact (erf) GELU, not the tanh one
-    with torch.enable_grad():  # training keeps F.linear
-        assert linear(x).grad_fn is not None

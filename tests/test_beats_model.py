@@ -26,12 +26,22 @@ def reference():
     return load_file(os.path.join(FIXTURES, "beats_tiny_reference.safetensors"))
 
 
-def test_matches_official_implementation(reference):
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_matches_official_implementation(reference, attn_implementation):
     model = BeatsModel.from_original_checkpoint(OFFICIAL_TINY)
-    assert not model.training
+    assert not model.training and model.config._attn_implementation == "sdpa"  # transformers' default
+    model.set_attn_implementation(attn_implementation)
     with torch.inference_mode():
         unmasked = model(reference["input_features"]).last_hidden_state
-        outputs = model(reference["input_features"], reference["feature_attention_mask"])
+        outputs = model(reference["input_features"], reference["feature_attention_mask"], output_attentions=True)
+    # Only the eager attention returns its weights: each row a distribution, none on padded keys.
+    if attn_implementation == "eager":
+        assert len(outputs.attentions) == model.config.encoder_layers
+        weights = outputs.attentions[-1]
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert weights[1, :, :, 88:].abs().max() < 1e-6
+    else:
+        assert all(w is None for w in outputs.attentions)
     torch.testing.assert_close(unmasked, reference["official_unmasked"], atol=1e-4, rtol=0)
     # With the exact token mask given to the official encoder, every real token agrees.
     assert torch.equal(outputs.attention_mask, reference["token_attention_mask"])
