@@ -242,6 +242,8 @@ class AudioQFormerConfig(PreTrainedConfig):
     ```"""
 
     model_type = "audio_qformer"
+    # The Q-Former is the text model: `get_text_config()` (used by `resize_token_embeddings`) finds it under this name.
+    attribute_map = {"text_config": "qformer_config"}
     sub_configs_defaults = {
         "audio_config": BeatsConfig,
         "qformer_config": SubConfigSpec(Blip2QFormerConfig, init_kwargs={"vocab_size": BERT_BASE_VOCAB_SIZE_WITH_DEC}),

@@ -30,6 +30,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 
@@ -113,7 +114,8 @@ def token_attention_mask(
     of the boundary time patch: with it, a padded clip's real tokens differ from the clip run alone.
     """
     mask = feature_attention_mask.long()
-    if (mask[:, 1:] > mask[:, :-1]).any():
+    # A check of the values, which `torch.export` / `torch.compile` cannot trace: made in eager mode only.
+    if not torch.compiler.is_compiling() and (mask[:, 1:] > mask[:, :-1]).any():
         raise ValueError("BeatsModel supports trailing (right) padding only: a real frame follows a padded one.")
     real_time_patches = mask.sum(-1) // patch_size
     time_index = torch.arange(num_time_patches, device=mask.device)
@@ -222,7 +224,7 @@ class BeatsAttention(nn.Module):
             attn_bias = attn_bias.to(query.dtype)
         # A bias written into the per-pass buffer is this layer's own: an implementation may overwrite it with the
         # scores (`beats_cpu`'s bfloat16 products do; transformers' own implementations ignore the flag).
-        scratch = attn_bias is not None and attn_bias_buffer is not None and attn_bias.data_ptr() == attn_bias_buffer.data_ptr()
+        scratch = attn_bias is not None and attn_bias is attn_bias_buffer
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -487,9 +489,10 @@ class BeatsModel(BeatsPreTrainedModel):
         else:
             attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
         # A mask without padding (e.g. a batch of equal-length clips) changes nothing: it would only add a pass of
-        # zeros over every layer's (batch, heads, tokens, tokens) bias.
+        # zeros over every layer's (batch, heads, tokens, tokens) bias. (Traced, the mask is always applied: the
+        # shortcut depends on its values.)
         encoder_mask = None
-        if feature_attention_mask is not None and not bool(attention_mask.all()):
+        if feature_attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             encoder_mask = attention_mask
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             hidden_states, encoder_mask, output_hidden_states, output_attentions
@@ -709,46 +712,61 @@ def atg_loss(lm_logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     )
 
 
+def _to_dtype_of(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`hidden_states` in the dtype of `module`'s weight: a float16 model keeps the Q-Former in float32, not its heads."""
+    return hidden_states.to(module.weight.dtype)
+
+
 def same_batch(tensor: torch.Tensor) -> torch.Tensor:
     """The single-process batch gatherer: every process's tensors are this process's."""
     return tensor
 
 
 @dataclass
-class AudioQFormerAudioOutput(ModelOutput):
+class AudioQFormerAudioOutput(BaseModelOutputWithPooling):
     r"""
-    Output of [`AudioQFormerModel.get_audio_features`].
+    Output of [`AudioQFormerModel.get_audio_features`]: transformers' `BaseModelOutputWithPooling` of the audio side
+    (as CLAP's `get_audio_features`), the pooled output being the projected embeddings.
 
-    audio_embeds (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, embed_dim)`):
-        The clips' embeddings, one per query token, L2-normalised. Score a text against them with
-        [`max_over_queries`].
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_audio_tokens, audio_hidden_size)`):
+        BEATs' output tokens (what a feature cache stores; the matching head reads them again).
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, embed_dim)`):
+        The clips' embeddings, one per query token, L2-normalised; also available as `audio_embeds`. Score texts
+        against them with [`AudioQFormerModel.score`].
+    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+        BEATs' per-layer outputs and attention weights, when asked and BEATs ran (not with cached tokens).
     query_output (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, hidden_size)`):
         The Q-Former's query outputs, before the projection.
-    audio_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_audio_tokens, audio_hidden_size)`):
-        BEATs' output tokens (what a feature cache stores; the matching head reads them again).
     audio_attention_mask (`torch.LongTensor` of shape `(batch_size, num_audio_tokens)`):
         1 for real audio tokens, 0 for padding.
     """
 
-    audio_embeds: torch.FloatTensor | None = None
     query_output: torch.FloatTensor | None = None
-    audio_hidden_states: torch.FloatTensor | None = None
     audio_attention_mask: torch.LongTensor | None = None
+
+    @property
+    def audio_embeds(self) -> torch.FloatTensor:
+        """The normalised audio embeddings (`pooler_output`), under the name of CLAP's and this model's outputs."""
+        return self.pooler_output
 
 
 @dataclass
-class AudioQFormerTextOutput(ModelOutput):
+class AudioQFormerTextOutput(BaseModelOutputWithPooling):
     r"""
-    Output of [`AudioQFormerModel.get_text_features`].
+    Output of [`AudioQFormerModel.get_text_features`]: transformers' `BaseModelOutputWithPooling` of the text side.
 
-    text_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
-        The texts' embeddings (projected `[CLS]` output), L2-normalised.
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         The Q-Former's output for every text token.
+    pooler_output (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+        The texts' embeddings (the projected `[CLS]` output, or mean), L2-normalised; also available as `text_embeds`.
+    hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+        The Q-Former's per-layer outputs and attention weights, when asked.
     """
 
-    text_embeds: torch.FloatTensor | None = None
-    last_hidden_state: torch.FloatTensor | None = None
+    @property
+    def text_embeds(self) -> torch.FloatTensor:
+        """The normalised text embeddings (`pooler_output`), under the name of CLAP's and this model's outputs."""
+        return self.pooler_output
 
 
 @dataclass
@@ -802,13 +820,16 @@ class AudioQFormerOutput(ModelOutput):
 class AudioQFormerPreTrainedModel(PreTrainedModel):
     config: AudioQFormerConfig
     base_model_prefix = "audio_qformer"
-    main_input_name = "input_features"
+    main_input_name = "input_ids"  # `forward`'s first argument (audio comes as `input_features` or cached tokens)
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = False  # because the BLIP-2 Q-Former does not support FA2 (and is kept in fp32)
-    # BEATs too: the official model overflows to NaN in fp16.
-    _keep_in_fp32_modules = ["query_tokens", "qformer", "audio_model"]
+    # Kept in float32 under a float16 load: the Q-Former as BLIP-2 keeps it, BEATs (the official model overflows to
+    # NaN in fp16), the audio LayerNorm before the Q-Former (LAVIS' fp32 `ln_vision`), and the word embeddings, which
+    # feed the Q-Former and are tied to the caption head. The projections and the matching head may be float16: their
+    # input is cast (`_to_dtype_of`).
+    _keep_in_fp32_modules = ["query_tokens", "qformer", "audio_model", "embeddings", "audio_layernorm", "lm_head"]
     _no_split_modules = ["BeatsEncoderLayer", "Blip2QFormerLayer", "Blip2TextEmbeddings"]
 
     def _init_weights(self, module: nn.Module):
@@ -897,9 +918,15 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.embeddings.word_embeddings = value
 
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear):
+        self.lm_head.decoder = new_embeddings
+        self.lm_head.bias = new_embeddings.bias
+
     # --- audio -------------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def get_audio_hidden_states(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.LongTensor]:
@@ -907,22 +934,31 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         BEATs' tokens and token mask for a normalised fbank (frozen: no gradient, eval mode). What a cache stores.
         BEATs always runs in fp32, also under autocast: the official model overflows to NaN in fp16.
         """
-        with torch.autocast(device_type=input_features.device.type, enabled=False):
-            dtype = next(self.audio_model.parameters()).dtype
-            outputs = self.audio_model(input_features.to(dtype), feature_attention_mask, return_dict=True)
+        outputs = self._run_beats(input_features, feature_attention_mask)
         return outputs.last_hidden_state, outputs.attention_mask
 
-    def _audio_inputs(self, input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask):
-        """BEATs tokens and their mask, from an fbank or from precomputed tokens (exactly one must be given)."""
+    @torch.no_grad()
+    def _run_beats(self, input_features, feature_attention_mask, **kwargs) -> BeatsModelOutput:
+        with torch.autocast(device_type=input_features.device.type, enabled=False):
+            dtype = self.audio_model.patch_embedding.weight.dtype
+            return self.audio_model(input_features.to(dtype), feature_attention_mask, return_dict=True, **kwargs)
+
+    def _audio_inputs(
+        self, input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask, **kwargs
+    ) -> BeatsModelOutput:
+        """
+        BEATs' output (tokens, mask, and what `kwargs` asks: `output_hidden_states`, `output_attentions`), from an
+        fbank or from precomputed tokens (exactly one must be given).
+        """
         if (input_features is None) == (audio_hidden_states is None):
             raise ValueError("Pass either `input_features` (fbank) or `audio_hidden_states` (BEATs tokens), not both.")
         if input_features is not None:
-            return self.get_audio_hidden_states(input_features, feature_attention_mask)
+            return self._run_beats(input_features, feature_attention_mask, **kwargs)
         if audio_attention_mask is None:
             audio_attention_mask = torch.ones(
                 audio_hidden_states.shape[:2], dtype=torch.long, device=audio_hidden_states.device
             )
-        return audio_hidden_states, audio_attention_mask
+        return BeatsModelOutput(last_hidden_state=audio_hidden_states, attention_mask=audio_attention_mask)
 
     def _query_pass(
         self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None, causal_text=True
@@ -985,11 +1021,16 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         feature_attention_mask: torch.Tensor | None = None,
         audio_hidden_states: torch.Tensor | None = None,
         audio_attention_mask: torch.Tensor | None = None,
-    ) -> AudioQFormerAudioOutput:
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AudioQFormerAudioOutput | tuple:
         r"""
-        Normalised audio embeddings `(batch, num_query_tokens, embed_dim)` of clips, given either their fbank
-        (`input_features`, `feature_attention_mask` from the feature extractor) or precomputed BEATs tokens
-        (`audio_hidden_states`, `audio_attention_mask`, e.g. from a feature cache).
+        Normalised audio embeddings `(batch, num_query_tokens, embed_dim)` of clips (`pooler_output`, also
+        `audio_embeds`), given either their fbank (`input_features`, `feature_attention_mask` from the feature
+        extractor) or precomputed BEATs tokens (`audio_hidden_states`, `audio_attention_mask`, e.g. from a feature
+        cache). `output_hidden_states` / `output_attentions` return BEATs' (when it runs).
 
         Example:
 
@@ -998,28 +1039,40 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         >>> outputs.audio_embeds.shape
         torch.Size([2, 32, 256])
         ```"""
-        audio_hidden_states, audio_attention_mask = self._audio_inputs(
-            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
-        )
-        query_output = self._query_pass(audio_hidden_states, audio_attention_mask)
-        return self._audio_output(query_output, audio_hidden_states, audio_attention_mask)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        beats = self._audio_inputs(
+            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )  # fmt: skip
+        query_output = self._query_pass(beats.last_hidden_state, beats.attention_mask)
+        output = self._audio_output(query_output, beats)
+        return output if return_dict else output.to_tuple()
 
-    def _audio_output(self, query_output, audio_hidden_states, audio_attention_mask) -> AudioQFormerAudioOutput:
+    def _audio_output(self, query_output, beats: BeatsModelOutput) -> AudioQFormerAudioOutput:
         return AudioQFormerAudioOutput(
-            audio_embeds=F.normalize(self.audio_projection(query_output), dim=-1),
+            last_hidden_state=beats.last_hidden_state,
+            pooler_output=F.normalize(self.audio_projection(_to_dtype_of(self.audio_projection, query_output)), dim=-1),
+            hidden_states=beats.hidden_states,
+            attentions=beats.attentions,
             query_output=query_output,
-            audio_hidden_states=audio_hidden_states,
-            audio_attention_mask=audio_attention_mask,
+            audio_attention_mask=beats.attention_mask,
         )
 
     # --- text --------------------------------------------------------------------------------------------------------
 
     def get_text_features(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, **kwargs
-    ) -> AudioQFormerTextOutput:
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AudioQFormerTextOutput | tuple:
         r"""
-        Normalised text embeddings `(batch, embed_dim)`: the text alone through the Q-Former (no queries, no audio),
-        its `[CLS]` output (or the mean over its tokens, `config.text_pooling="mean"`) projected. `token_type_ids` and other tokenizer outputs are accepted and ignored.
+        Normalised text embeddings `(batch, embed_dim)` (`pooler_output`, also `text_embeds`): the text alone through
+        the Q-Former (no queries, no audio), its `[CLS]` output (or the mean over its tokens,
+        `config.text_pooling="mean"`) projected. `token_type_ids` and other tokenizer outputs are accepted and ignored.
 
         Example:
 
@@ -1028,20 +1081,29 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         >>> model.get_text_features(**inputs).text_embeds.shape
         torch.Size([2, 256])
         ```"""
-        last_hidden_state = self.qformer(
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        recorded = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
+        qformer_output = self.qformer(
             query_embeds=self.embeddings(input_ids=input_ids),
             query_length=0,
             attention_mask=attention_mask,
             return_dict=True,
-        ).last_hidden_state
+            **{name: value for name, value in recorded.items() if value is not None},
+        )
+        last_hidden_state = qformer_output.last_hidden_state
         if self.config.text_pooling == "mean":
             weights = (attention_mask if attention_mask is not None else torch.ones_like(input_ids))[..., None]
             weights = weights.to(last_hidden_state.dtype)
             pooled = (last_hidden_state * weights).sum(1) / weights.sum(1).clamp(min=1)
         else:
             pooled = last_hidden_state[:, 0, :]
-        text_embeds = F.normalize(self.text_projection(pooled), dim=-1)
-        return AudioQFormerTextOutput(text_embeds=text_embeds, last_hidden_state=last_hidden_state)
+        output = AudioQFormerTextOutput(
+            last_hidden_state=last_hidden_state,
+            pooler_output=F.normalize(self.text_projection(_to_dtype_of(self.text_projection, pooled)), dim=-1),
+            hidden_states=qformer_output.hidden_states,
+            attentions=qformer_output.attentions,
+        )
+        return output if return_dict else output.to_tuple()
 
     # --- matching ----------------------------------------------------------------------------------------------------
 
@@ -1063,9 +1125,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         (the cross-attention's largest products) are then computed once for all the texts (transformers' Q-Former
         broadcasts them), the same logits as with the clip repeated.
         """
-        audio_hidden_states, audio_attention_mask = self._audio_inputs(
-            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
-        )
+        beats = self._audio_inputs(input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask)
+        audio_hidden_states, audio_attention_mask = beats.last_hidden_state, beats.attention_mask
         if audio_hidden_states.shape[0] not in (1, input_ids.shape[0]):
             raise ValueError(
                 f"Audio-text matching scores pairs (or one clip against several texts): got "
@@ -1074,7 +1135,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         sequence_output = self._query_pass(
             audio_hidden_states, audio_attention_mask, input_ids, attention_mask, causal_text=False
         )
-        return self.itm_head(sequence_output[:, : self.config.num_query_tokens, :]).mean(dim=1)
+        query_output = sequence_output[:, : self.config.num_query_tokens, :]
+        return self.itm_head(_to_dtype_of(self.itm_head, query_output)).mean(dim=1)
 
     # --- everything at once ------------------------------------------------------------------------------------------
 
@@ -1122,12 +1184,11 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None:
             raise ValueError("AudioQFormerModel.forward needs `input_ids` (texts) as well as audio.")
-        audio_hidden_states, audio_attention_mask = self._audio_inputs(
-            input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask
-        )
+        beats = self._audio_inputs(input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask)
+        audio_hidden_states, audio_attention_mask = beats.last_hidden_state, beats.attention_mask
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        text_output = self.get_text_features(input_ids, attention_mask)
+        text_output = self.get_text_features(input_ids, attention_mask, return_dict=True)
         text_embeds = text_output.text_embeds
 
         decoder_input_ids = None
@@ -1140,7 +1201,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         # With a caption, one pass gives both the audio queries (which never see the text) and the caption logits.
         sequence_output = self._query_pass(audio_hidden_states, audio_attention_mask, decoder_input_ids, attention_mask)
         num_queries = self.config.num_query_tokens
-        audio_output = self._audio_output(sequence_output[:, :num_queries, :], audio_hidden_states, audio_attention_mask)
+        audio_output = self._audio_output(sequence_output[:, :num_queries, :], beats)
         audio_embeds = audio_output.audio_embeds
 
         logits_per_audio = max_over_queries(audio_embeds, text_embeds) / self.temperature
@@ -1193,7 +1254,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         # ATM: one hard negative clip per caption and one hard negative caption per clip, drawn from the similarities.
         negative_audio, caption_has_negative = sample_hard_negatives(logits_per_text.detach(), positives, generator)
         negative_text, audio_has_negative = sample_hard_negatives(logits_per_audio.detach(), positives, generator)
-        all_audio_states = gather(audio_output.audio_hidden_states)
+        all_audio_states = gather(audio_output.last_hidden_state)
         all_audio_masks, all_input_ids, all_attention_masks = (
             gather(audio_output.audio_attention_mask), gather(input_ids), gather(attention_mask),
         )  # fmt: skip
@@ -1206,8 +1267,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             [attention_mask, attention_mask[with_negative_audio], all_attention_masks[negative_text[with_negative_text]]]
         )
         pair_audio_states = torch.cat(
-            [audio_output.audio_hidden_states, all_audio_states[negative_audio[with_negative_audio]],
-             audio_output.audio_hidden_states[with_negative_text]]
+            [audio_output.last_hidden_state, all_audio_states[negative_audio[with_negative_audio]],
+             audio_output.last_hidden_state[with_negative_text]]
         )  # fmt: skip
         pair_audio_masks = torch.cat(
             [audio_output.audio_attention_mask, all_audio_masks[negative_audio[with_negative_audio]],
