@@ -851,7 +851,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
 
     - `get_audio_features` turns clips (fbank, or cached BEATs tokens) into `(batch, 32, 256)` normalised embeddings;
     - `get_text_features` turns captions into `(batch, 256)` normalised embeddings;
-    - `max_over_queries(audio_embeds, text_embeds)` scores them (cosine of the best query);
+    - `score(audio_embeds, text_embeds)` scores them (cosine of the best query; `logits_per_audio` of `forward` is
+      this over the temperature);
     - `get_audio_text_matching_logits` scores (clip, caption) pairs with the matching head, for re-ranking;
     - `forward(..., return_loss=True)` computes the three training losses.
 
@@ -1105,6 +1106,14 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    def score(self, audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """
+        The retrieval score `(num_audio, num_text)` of embeddings from `get_audio_features` and `get_text_features`:
+        the cosine of each clip's best query token for each text ([`max_over_queries`]). Search ranks by it;
+        `forward`'s `logits_per_audio` divide it by the learnt temperature.
+        """
+        return max_over_queries(audio_embeds, text_embeds)
+
     # --- matching ----------------------------------------------------------------------------------------------------
 
     def get_audio_text_matching_logits(
@@ -1204,7 +1213,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         audio_output = self._audio_output(sequence_output[:, :num_queries, :], beats)
         audio_embeds = audio_output.audio_embeds
 
-        logits_per_audio = max_over_queries(audio_embeds, text_embeds) / self.temperature
+        logits_per_audio = self.score(audio_embeds, text_embeds) / self.temperature
         itm_logits = None
         if use_audio_text_matching_head:
             itm_logits = self.get_audio_text_matching_logits(
