@@ -11,14 +11,11 @@ Every loader returns a `Dataset` with one row per caption and the columns
 
 and a list of the clips it skipped (missing files, no usable caption), each `{"audio": ..., "reason": ...}`.
 Nothing is dropped silently: skipped clips are logged with their count and first paths. Audio is decoded later, by
-`load_audio`, with soundfile (libsndfile) and resampled with soxr; `datasets`' own audio decoding (torchcodec) is not
+`audio_io.load_audio`, with soundfile (libsndfile) and resampled with soxr; `datasets`' own audio decoding (torchcodec) is not
 used.
 """
 
-import glob
 import hashlib
-import io
-import math
 import os
 import re
 from collections.abc import Sequence
@@ -27,11 +24,12 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from transformers.utils import logging
 
+from audio_io import AUDIO_EXTENSIONS
+from feature_cache import clip_key
+
 
 logger = logging.get_logger(__name__)
 
-SAMPLING_RATE = 16000
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au")
 COLUMNS = ("audio_path", "audio_bytes", "audio_id", "caption", "source")
 FEATURES = Features(
     {
@@ -42,53 +40,6 @@ FEATURES = Features(
         "source": Value("string"),
     }
 )
-
-
-class AudioLoadError(ValueError):
-    """A clip that cannot be used: missing, unreadable, empty or with non-finite samples."""
-
-
-def load_audio(
-    path: str | None = None,
-    data: bytes | None = None,
-    sampling_rate: int = SAMPLING_RATE,
-    max_seconds: float | None = None,
-) -> np.ndarray:
-    """
-    Read one clip (a file, or encoded bytes) as a mono float32 waveform at `sampling_rate`.
-
-    Channels are averaged; other sampling rates are resampled with soxr (high quality). With `max_seconds`, only the
-    start of the clip is decoded, so an hour-long file costs no more than that. Raises `AudioLoadError` naming the clip
-    and the reason when it is missing, unreadable, empty or holds NaN/inf samples. A WAV whose header promises more
-    data than the file holds (a cut download, or a writer that streamed it) gives the samples present, with a warning.
-    """
-    import soundfile
-    import soxr
-
-    name = path if path else "<bytes>"
-    if path and not os.path.isfile(path):
-        raise AudioLoadError(f"{name}: no such file")
-    if path and not os.access(path, os.R_OK):
-        raise AudioLoadError(f"{name}: permission denied")
-    if (os.path.getsize(path) if path else len(data or b"")) == 0:
-        raise AudioLoadError(f"{name}: empty file (0 bytes)")
-    try:
-        with soundfile.SoundFile(path if path else io.BytesIO(data)) as handle:
-            rate = handle.samplerate
-            frames = -1 if max_seconds is None else math.ceil(max_seconds * rate)
-            waveform = handle.read(frames, dtype="float32", always_2d=True)
-            if "should be" in handle.extra_info:  # libsndfile's log: a chunk size that disagrees with the file
-                logger.warning(f"{name}: the header's sizes disagree with the file (truncated?); read what is there.")
-    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError depending on the cause
-        raise AudioLoadError(f"{name}: unreadable audio ({type(error).__name__}: {error})") from error
-    if waveform.size == 0:
-        raise AudioLoadError(f"{name}: no samples")
-    waveform = waveform[:, 0] if waveform.shape[1] == 1 else waveform.mean(axis=1)  # no copy of a long mono clip
-    if not np.isfinite(waveform).all():
-        raise AudioLoadError(f"{name}: NaN or infinite samples")
-    if rate != sampling_rate:
-        waveform = soxr.resample(waveform, rate, sampling_rate, quality="HQ").astype(np.float32)
-    return waveform
 
 
 def clean_caption(text: str, max_words: int = 50) -> str:
@@ -299,27 +250,27 @@ def split_by_clip(dataset: Dataset, num_validation: int = 1000, seed: int = 0) -
     )
 
 
+def with_cache_keys(dataset):
+    """A loaded dataset with each clip's cache `key` (see `clip_key`) and its caption cleaned (`clean_caption`)."""
+    return dataset.map(
+        lambda row: {"key": clip_key(row["audio_path"] or None, row["audio_bytes"]), "caption": clean_caption(row["caption"])},
+        desc="Keying clips",
+    )
+
+
 def combine(parts: Sequence[tuple[Dataset, list[dict]]]) -> tuple[Dataset, list[dict]]:
     """Concatenate loaded datasets and their skip lists."""
     datasets, skipped = zip(*parts)
     return concatenate_datasets(list(datasets)), [item for items in skipped for item in items]
 
 
-def audio_files(directory: str) -> list[str]:
-    """Every audio file under `directory` (recursively), sorted."""
-    found = glob.glob(os.path.join(glob.escape(directory), "**", "*"), recursive=True)
-    return sorted(p for p in found if p.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(p))
-
-
 __all__ = [
-    "AudioLoadError",
-    "audio_files",
     "clean_caption",
     "combine",
-    "load_audio",
     "load_audiocaps",
     "load_audiofolder",
     "load_clotho",
     "load_hub_dataset",
     "split_by_clip",
+    "with_cache_keys",
 ]

@@ -96,7 +96,7 @@ def main(argv=None):
 
     table_json = os.path.join(work, "table.json")
     run([python, "evaluate_retrieval.py", "--model", model_dir, "--audiofolder", os.path.join(data, "library"),
-         "--feature_cache_dir", os.path.join(work, "cache"), "--rerank_top_k", "16", "--output_json", table_json,
+         "--feature_cache_dir", os.path.join(work, "cache"), "--output_json", table_json,
          "--relevance_column", "attributes"],
         "3. Evaluate on the held-out library (the report's Table 1 layout)")  # fmt: skip
 

@@ -21,10 +21,11 @@ import time
 
 import torch
 
-from audio_text_data import load_audiofolder, load_clotho, load_hub_dataset
-from audio_search import load_model
-from feature_cache import build_cache, with_cache_keys
-from retrieval import chance_metrics, evaluate_text_to_audio
+from audio_library import load_model
+from audio_text_data import load_audiofolder, load_clotho, load_hub_dataset, with_cache_keys
+from feature_cache import build_cache
+from ranking_metrics import chance_metrics
+from retrieval import evaluate_text_to_audio
 
 
 METRIC_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics", "audio_retrieval")
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--relevance_column",
                         help="With --audiofolder: a metadata.csv column whose equal values mark clips that fit each "
                              "other's captions (the synthetic set's 'attributes'), for the multi-relevant mAP@16.")
-    parser.add_argument("--rerank_top_k", type=int, default=16, help="Candidates the matching head re-ranks (0: off).")
+    parser.add_argument("--rerank_top_k", type=int, default=None,
+                        help="Candidates the matching head re-ranks (default: the model's config.rerank_top_k, 16; 0: off).")
     parser.add_argument("--feature_cache_dir", default="cache/features")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -114,6 +116,8 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     model, processor = load_model(args.model, args.device)
+    if args.rerank_top_k is None:
+        args.rerank_top_k = model.config.rerank_top_k
     name, rows, skipped = load_evaluation_set(args)
     rows = with_cache_keys(rows)
     clips = [{"key": r["key"], "audio_path": r["audio_path"], "audio_bytes": r["audio_bytes"]}

@@ -21,21 +21,30 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from audio_text_data import AudioLoadError, clean_caption, load_audio
+from audio_io import AudioLoadError, load_audio
 
 
 logger = logging.get_logger(__name__)
 
 
-def model_fingerprint(beats_model, feature_extractor) -> str:
-    """A hash of BEATs' config and weights and of the feature extractor's settings (hex, 16 characters)."""
+def weights_fingerprint(model, *settings: str) -> str:
+    """
+    A hash of a model's config and weights, and of any further settings (hex, 16 characters): the identity under
+    which token caches and sound libraries store what a model computed, so that other weights never read them.
+    """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(beats_model.config.to_json_string(use_diff=False).encode())
-    digest.update(feature_extractor.to_json_string().encode())
-    for name, tensor in sorted(beats_model.state_dict().items()):
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    for setting in settings:
+        digest.update(setting.encode())
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(beats_model, feature_extractor) -> str:
+    """The token cache's identity: BEATs' config and weights and the feature extractor's settings."""
+    return weights_fingerprint(beats_model, feature_extractor.to_json_string())
 
 
 def clip_key(audio_path: str | None, audio_bytes: bytes | None = None) -> str:
@@ -315,25 +324,4 @@ def build_cache(
 
 
 
-def with_cache_keys(dataset):
-    """A loaded dataset with each clip's cache `key` (see `clip_key`) and its caption cleaned (`clean_caption`)."""
-    return dataset.map(
-        lambda row: {"key": clip_key(row["audio_path"] or None, row["audio_bytes"]), "caption": clean_caption(row["caption"])},
-        desc="Keying clips",
-    )
-
-
-def crop_tokens(tokens: np.ndarray, max_tokens: int, tokens_per_patch: int, rng: np.random.Generator) -> np.ndarray:
-    """
-    A random window of at most `max_tokens` tokens that starts and ends on whole time patches (`tokens_per_patch`
-    tokens, 160 ms), as the report crops clips over ~10 s to 512 tokens for training. Shorter clips are returned whole.
-    """
-    if max_tokens % tokens_per_patch:
-        raise ValueError(f"max_tokens ({max_tokens}) must be a multiple of tokens_per_patch ({tokens_per_patch}).")
-    if tokens.shape[0] <= max_tokens:
-        return tokens
-    num_patches, window = tokens.shape[0] // tokens_per_patch, max_tokens // tokens_per_patch
-    start = int(rng.integers(0, num_patches - window + 1)) * tokens_per_patch
-    return tokens[start : start + max_tokens]
-
-__all__ = ["FeatureCache", "build_cache", "clip_key", "crop_tokens", "model_fingerprint", "with_cache_keys"]
+__all__ = ["FeatureCache", "build_cache", "clip_key", "model_fingerprint", "weights_fingerprint"]

@@ -29,12 +29,21 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertTokenizer, get_scheduler
 
-from audio_text_data import combine, load_audiocaps, load_audiofolder, load_clotho, load_hub_dataset, split_by_clip
+from audio_text_data import (
+    combine,
+    load_audiocaps,
+    load_audiofolder,
+    load_clotho,
+    load_hub_dataset,
+    split_by_clip,
+    with_cache_keys,
+)
 from configuration_audio_qformer import BeatsConfig
-from feature_cache import build_cache, crop_tokens, with_cache_keys
+from feature_cache import build_cache
 from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
-from retrieval import chance_metrics, evaluate_text_to_audio, pad_tokens
+from ranking_metrics import chance_metrics
+from retrieval import evaluate_text_to_audio, pad_tokens
 
 
 logger = get_logger(__name__)
@@ -166,6 +175,20 @@ def load_data(args):
         evaluation["clotho_" + args.clotho_eval_split], more = load_clotho(args.clotho_root, args.clotho_eval_split)
         skipped += more
     return train, evaluation, skipped
+
+
+def crop_tokens(tokens: np.ndarray, max_tokens: int, tokens_per_patch: int, rng: np.random.Generator) -> np.ndarray:
+    """
+    A random window of at most `max_tokens` tokens that starts and ends on whole time patches (`tokens_per_patch`
+    tokens, 160 ms), as the report crops clips over ~10 s to 512 tokens for training. Shorter clips are returned whole.
+    """
+    if max_tokens % tokens_per_patch:
+        raise ValueError(f"max_tokens ({max_tokens}) must be a multiple of tokens_per_patch ({tokens_per_patch}).")
+    if tokens.shape[0] <= max_tokens:
+        return tokens
+    num_patches, window = tokens.shape[0] // tokens_per_patch, max_tokens // tokens_per_patch
+    start = int(rng.integers(0, num_patches - window + 1)) * tokens_per_patch
+    return tokens[start : start + max_tokens]
 
 
 class CachedPairs(torch.utils.data.Dataset):

@@ -201,7 +201,7 @@ def exact_search(query_embeds, audio_embeds, k: int, batch_size: int = 256):
 
     Returns:
         `(scores, indices)`, float32 and int64 `(Q, min(k, N))`, best first, ties to the lower clip index (as
-        `retrieval.target_ranks` ranks them): sorting `max_over_queries(audio.double(), text.double()).float().T`
+        `ranking_metrics.target_ranks` ranks them): sorting `max_over_queries(audio.double(), text.double()).float().T`
         with a stable descending sort gives the same scores and indices.
     """
     num_clips, _, dim = check_library(audio_embeds)

@@ -111,7 +111,7 @@ def _ok():
 
 def _error(match: str, error: type | None = None) -> Expect:
     if error is None:
-        from audio_text_data import AudioLoadError
+        from audio_io import AudioLoadError
 
         error = AudioLoadError
     return Expect("error", match, error)
@@ -403,7 +403,7 @@ class Context:
         def build():
             import torch
 
-            from audio_search import AudioLibrary
+            from audio_library import AudioLibrary
             from conftest import tiny_qformer_config
             from modeling_audio_qformer import AudioQFormerModel
 
@@ -529,10 +529,10 @@ def feature_extractor_entry(context: Context, path: str) -> Outcome:
 
 
 def load_audio_entry(context: Context, path: str) -> Outcome:
-    from audio_text_data import load_audio
+    from audio_io import load_audio
 
     try:
-        with _Warnings("audio_text_data") as warned, _Measure() as measure:
+        with _Warnings("audio_io") as warned, _Measure() as measure:
             waveform = load_audio(path)
     except Exception as error:
         return _error_outcome(error)
@@ -608,7 +608,7 @@ def build_cache_entry(context: Context, path: str) -> Outcome:
     clips = [{"key": key, "audio_path": path, "audio_bytes": None}]
     root = os.path.join(context.directory, "feature cache")
     try:
-        with _Warnings("feature_cache", "audio_text_data") as warned, _Measure() as measure:
+        with _Warnings("feature_cache", "audio_io") as warned, _Measure() as measure:
             cache, failures, _ = build_cache(root, clips, context.beats, context.extractor, show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
         return Outcome("error", f"crashed: {type(error).__name__}", str(error), type(error))
@@ -636,14 +636,14 @@ def _check_tokens(case: AudioCase, outcome: Outcome, context: Context) -> list[s
 
 def cli_index_entry(context: Context, path: str) -> Outcome:
     """`audio-qformer index DIR` (`AudioLibrary.index`) on the input's folder, into one shared library."""
-    from audio_search import AudioLibrary
+    from audio_library import AudioLibrary
     from feature_cache import clip_key
 
     if not os.path.exists(path):
         return Outcome("n/a", "a folder scan only sees files that exist")
     key = clip_key(path)
     try:
-        with _Warnings("audio_search", "audio_text_data") as warned, _Measure() as measure:
+        with _Warnings("audio_library", "audio_io") as warned, _Measure() as measure:
             library = context.library
             report = library.index(os.path.dirname(path), show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
@@ -657,7 +657,7 @@ def cli_index_entry(context: Context, path: str) -> Outcome:
 
 def _check_windows(case: AudioCase, outcome: Outcome, context: Context) -> list[str]:
     """One embedding row per 10.24 s window (5.12 s apart), each of the tiny model's 4 queries x 16."""
-    from audio_search import window_starts
+    from audio_library import window_starts
 
     rows = outcome.value
     if case.seconds is None:

@@ -26,7 +26,8 @@ from input_matrix import (
     verdict,
 )
 
-from audio_text_data import load_audio, load_hub_dataset
+from audio_io import load_audio
+from audio_text_data import load_hub_dataset
 from configuration_audio_qformer import BeatsConfig
 from feature_cache import FeatureCache, build_cache, clip_key
 from modeling_audio_qformer import BeatsModel

@@ -10,10 +10,9 @@ import soundfile
 import torch
 from conftest import TINY_BEATS, make_waveform
 
+from audio_io import AudioLoadError, load_audio
 from audio_text_data import (
-    AudioLoadError,
     clean_caption,
-    load_audio,
     load_audiocaps,
     load_audiofolder,
     load_clotho,
@@ -21,9 +20,10 @@ from audio_text_data import (
     split_by_clip,
 )
 from configuration_audio_qformer import BeatsConfig
-from feature_cache import FeatureCache, build_cache, clip_key, crop_tokens, model_fingerprint
+from feature_cache import FeatureCache, build_cache, clip_key, model_fingerprint
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import BeatsFeatureExtractor
+from train import crop_tokens
 
 
 def write_wav(path, seconds=1.0, seed=0, rate=16000, channels=1):
@@ -238,3 +238,15 @@ def test_synthetic_sets_have_distinct_attributes_and_readable_captions(tmp_path)
             assert rate == 16000 and 2.5 <= len(wave) / rate <= 4.5 and np.abs(wave).max() < 1
     with pytest.raises(ValueError, match="no wording"):
         caption_attributes("a low tone barking loudly, in a large hall and at an even volume")
+
+
+def test_reading_audio_and_searching_import_no_datasets():
+    """One job per module: decoding a file or searching a library never loads `datasets` (the training loaders do)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = "import sys, audio_io, audio_library, audio_search; print('datasets' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import retrieval_metrics
+from ranking_metrics import retrieval_metrics
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,7 +200,7 @@ def test_unknown_config(evaluate_module):
         evaluate_module.load(METRIC_PATH, "multi")
 
 
-# ---------------------------------------------------------------- agreement with retrieval.retrieval_metrics
+# ---------------------------------------------------------------- agreement with ranking_metrics.retrieval_metrics
 
 
 def ranked_ids(similarity: torch.Tensor, ids: list[str]) -> list[list[str]]:

@@ -10,7 +10,8 @@ import soundfile
 import torch
 from conftest import make_waveform, tiny_qformer_config
 
-from audio_search import AudioLibrary, load_model, main, window_starts
+from audio_library import AudioLibrary, load_model, window_starts
+from audio_search import main
 from modeling_audio_qformer import AudioQFormerModel, max_over_queries
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 
@@ -59,7 +60,7 @@ def test_index_search_equals_brute_force(saved_model, sounds, tmp_path):
     hits = library.search(texts, k=6)
     # Brute force: each file embedded alone, scored by the best query token.
     paths = sorted(str(p) for p in sounds.rglob("*") if p.is_file())
-    from audio_text_data import load_audio
+    from audio_io import load_audio
 
     with torch.no_grad():
         audio_embeds = torch.cat([library.embed_waveforms([load_audio(p)])[0] for p in paths])
@@ -168,7 +169,7 @@ def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer)
 def test_fast_cpu_library_embeds_with_the_bfloat16_encoder(saved_model, sounds, tmp_path):
     # `--fast_cpu`: the library records the setting and embeds every clip (and every `similar` query) with BEATs'
     # bfloat16 copy: close to the exact embeddings, yet not them.
-    from audio_text_data import load_audio
+    from audio_io import load_audio
 
     exact = AudioLibrary(str(tmp_path / "exact"), *load_model(saved_model), saved_model, create=True)
     fast_dir = str(tmp_path / "fast")
@@ -220,7 +221,7 @@ def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys):
 def test_evaluation_script_table(saved_model, tmp_path):
     from evaluate_retrieval import main as evaluate_main
     from synthetic_sounds import generate
-    from retrieval import retrieval_metrics
+    from ranking_metrics import retrieval_metrics
 
     generate(str(tmp_path / "data"), num_train=2, num_validation=2, num_library=12, captions_per_clip=2, seed=3)
     output = tmp_path / "table.json"
@@ -239,7 +240,8 @@ def test_evaluation_script_table(saved_model, tmp_path):
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "data" / "library" / "metadata.csv")))
-    from audio_text_data import clean_caption, load_audio
+    from audio_io import load_audio
+    from audio_text_data import clean_caption
 
     with torch.no_grad():
         audio = model.get_audio_features(**processor.feature_extractor(
@@ -333,7 +335,7 @@ def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_pat
 
 
 def test_audio_to_text_metrics_by_hand():
-    from retrieval import audio_to_text_metrics
+    from ranking_metrics import audio_to_text_metrics
 
     # 2 clips, 4 captions (clip of each: 0, 0, 1, 1). Clip 0 ranks captions 2, 0, ... -> its first own caption at rank 2;
     # clip 1 ranks caption 1 first, then 3 -> rank 2 too; with ties (clip 1: captions 1 and 3 equal) the lower index wins.

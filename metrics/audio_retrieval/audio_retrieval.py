@@ -2,7 +2,7 @@
 """Text-to-audio retrieval metrics of the DCASE language-based audio retrieval task, as an `evaluate` module."""
 
 # This file is copied into evaluate's module cache when loaded, so it is self-contained: the maths lives in the small
-# pure functions below and `AudioRetrieval._compute` only calls them. They agree with `retrieval.retrieval_metrics`
+# pure functions below and `AudioRetrieval._compute` only calls them. They agree with `ranking_metrics.retrieval_metrics`
 # of this repository, which works on a similarity matrix instead of ranked lists (see tests/test_metrics.py).
 
 import datasets
@@ -39,7 +39,7 @@ such clip's rank, divided by the number of relevant clips of the query (all of t
 below 16); mAP@16 is the mean over queries.
 
 All values are fractions in [0, 1]; papers and the DCASE result tables report them as percentages. The metric
-takes rankings, so it sees no ties: the caller breaks them (`retrieval.target_ranks` of this repository puts the
+takes rankings, so it sees no ties: the caller breaks them (`ranking_metrics.target_ranks` of this repository puts the
 lower item index first among equal scores, i.e. a stable sort by descending score).
 """
 

@@ -1,0 +1,75 @@
+# Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
+"""Audio files in, 16 kHz mono float32 waveforms out: decoding (soundfile), resampling (soxr) and listing audio files.
+
+Nothing here imports `datasets`: searching a library reads one file with this module alone.
+"""
+
+import glob
+import io
+import math
+import os
+
+import numpy as np
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+SAMPLING_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au")
+
+
+class AudioLoadError(ValueError):
+    """A clip that cannot be used: missing, unreadable, empty or with non-finite samples."""
+
+
+def load_audio(
+    path: str | None = None,
+    data: bytes | None = None,
+    sampling_rate: int = SAMPLING_RATE,
+    max_seconds: float | None = None,
+) -> np.ndarray:
+    """
+    Read one clip (a file, or encoded bytes) as a mono float32 waveform at `sampling_rate`.
+
+    Channels are averaged; other sampling rates are resampled with soxr (high quality). With `max_seconds`, only the
+    start of the clip is decoded, so an hour-long file costs no more than that. Raises `AudioLoadError` naming the clip
+    and the reason when it is missing, unreadable, empty or holds NaN/inf samples. A WAV whose header promises more
+    data than the file holds (a cut download, or a writer that streamed it) gives the samples present, with a warning.
+    """
+    import soundfile
+    import soxr
+
+    name = path if path else "<bytes>"
+    if path and not os.path.isfile(path):
+        raise AudioLoadError(f"{name}: no such file")
+    if path and not os.access(path, os.R_OK):
+        raise AudioLoadError(f"{name}: permission denied")
+    if (os.path.getsize(path) if path else len(data or b"")) == 0:
+        raise AudioLoadError(f"{name}: empty file (0 bytes)")
+    try:
+        with soundfile.SoundFile(path if path else io.BytesIO(data)) as handle:
+            rate = handle.samplerate
+            frames = -1 if max_seconds is None else math.ceil(max_seconds * rate)
+            waveform = handle.read(frames, dtype="float32", always_2d=True)
+            if "should be" in handle.extra_info:  # libsndfile's log: a chunk size that disagrees with the file
+                logger.warning(f"{name}: the header's sizes disagree with the file (truncated?); read what is there.")
+    except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError depending on the cause
+        raise AudioLoadError(f"{name}: unreadable audio ({type(error).__name__}: {error})") from error
+    if waveform.size == 0:
+        raise AudioLoadError(f"{name}: no samples")
+    waveform = waveform[:, 0] if waveform.shape[1] == 1 else waveform.mean(axis=1)  # no copy of a long mono clip
+    if not np.isfinite(waveform).all():
+        raise AudioLoadError(f"{name}: NaN or infinite samples")
+    if rate != sampling_rate:
+        waveform = soxr.resample(waveform, rate, sampling_rate, quality="HQ").astype(np.float32)
+    return waveform
+
+
+def audio_files(directory: str) -> list[str]:
+    """Every audio file under `directory` (recursively), sorted."""
+    found = glob.glob(os.path.join(glob.escape(directory), "**", "*"), recursive=True)
+    return sorted(p for p in found if p.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(p))
+
+
+__all__ = ["AUDIO_EXTENSIONS", "AudioLoadError", "SAMPLING_RATE", "audio_files", "load_audio"]

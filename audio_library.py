@@ -1,0 +1,405 @@
+# Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
+"""The sound library: a folder of audio embedded once with the audio Q-Former, searchable by text or by example.
+
+    library = AudioLibrary.load("my-library")               # or AudioLibrary(dir, *load_model(m), m, create=True)
+    library.index("/path/to/sounds")                        # resumable; later runs embed new or changed files only
+    library.search(["a dog barks"], k=10, rerank=16)        # ranked files, best window each
+    library.similar("/path/to/sounds/example.wav", k=10)
+
+The report's inference: every clip's audio embeddings (32 query tokens x 256) are computed once and stored; a text's
+embedding is scored against them by the model's score (cosine of the best query token, `AudioQFormerModel.score`),
+computed in chunks over the stored float16 embeddings by `vector_search.exact_search` (or its FAISS index for large
+libraries); optionally the matching head re-ranks the top k. Files longer than `WINDOW_SECONDS` are cut into overlapping windows
+(`HOP_SECONDS` apart, the last one ending with the file) and a file scores as its best window.
+
+A library folder holds `library.json` (the model it was built with and its identity hash, the window settings),
+`embeddings/` (one row of 32 x 256 float16 per window, memory-mapped) and, unless `keep_tokens=False`, `tokens/`
+(each window's BEATs tokens, so re-ranking needs no audio decoding), both in the crash-safe `FeatureCache` format,
+and `files.json` (the files of each indexed folder, replaced atomically at the end of an index run). The command
+line over it is `audio_search.py` (`audio-qformer`).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from audio_io import AudioLoadError, audio_files, load_audio
+from feature_cache import FeatureCache, clip_key, weights_fingerprint
+from retrieval import rerank_with_matching_head
+from vector_search import exact_search
+
+
+logger = logging.get_logger(__name__)
+
+LIBRARY_CONFIG = "library.json"
+LIBRARY_FILES = "files.json"
+# 64 BEATs time patches (512 tokens, 10.24 s): the report's training crop, so a window is what the model was trained on.
+WINDOW_SECONDS = 10.24
+HOP_SECONDS = 5.12
+
+
+def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
+    """First samples of the windows covering a clip: one window if it fits, else every `hop`, the last ending with it."""
+    if num_samples <= window:
+        return [0]
+    starts = list(range(0, num_samples - window + 1, hop))
+    if starts[-1] + window < num_samples:
+        starts.append(num_samples - window)
+    return starts
+
+
+def load_model(name_or_path: str, device: str | torch.device = "cpu"):
+    """The model (eval mode) and processor saved at a path or Hub id."""
+    from transformers import BertTokenizer
+
+    from modeling_audio_qformer import AudioQFormerModel
+    from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
+
+    # This project's classes, not the copies saved with the model: no remote code runs. The Q-Former reads BERT's
+    # vocabulary, so its tokenizer is a BERT tokenizer (AutoTokenizer would look for remote code in the config).
+    model = AudioQFormerModel.from_pretrained(name_or_path).to(device).eval()
+    feature_extractor = BeatsFeatureExtractor.from_pretrained(name_or_path)
+    return model, AudioQFormerProcessor(feature_extractor, BertTokenizer.from_pretrained(name_or_path))
+
+
+def _write_json_atomically(path: str, value):
+    with open(path + ".partial", "w") as handle:
+        json.dump(value, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".partial", path)
+
+
+@dataclass
+class SearchHit:
+    """One ranked file. `score` orders the list: the cosine, or match logit + cosine for re-ranked hits."""
+
+    path: str
+    score: float
+    cosine: float
+    start_seconds: float  # where the best-matching window starts (0 for files within one window)
+    match_logit: float | None = None
+
+
+class AudioLibrary:
+    """
+    Stored audio embeddings of a sound library, searchable by text (`search`) or by an example file (`similar`).
+
+    Args:
+        directory (`str`): the library folder (created by `index` when `create=True`).
+        model ([`AudioQFormerModel`]) and processor ([`AudioQFormerProcessor`]): the model that embeds; an existing
+            library refuses a model with other weights.
+        model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it.
+        keep_tokens (`bool`, defaults to `True`): also store each window's BEATs tokens, for re-ranking without
+            decoding audio again (about 260 MB per hour of audio at 768 wide).
+        fast_cpu_encoder (`bool`, defaults to `False`): on the CPU, embed audio with BEATs' bfloat16 copy
+            (`beats_cpu.cpu_copy(..., "fast")`: 1.5-1.7x the exact encoder's speed on a CPU with bfloat16 units,
+            embeddings within a cosine of 0.99999 of the exact ones; on a CPU without them, the exact path, with a
+            warning). A property of the library, recorded when it is created, so that all its clips are embedded the
+            same way; an existing library keeps its own setting. Otherwise the CPU runs BEATs' exact float32 copy
+            (`cpu_copy(..., "float32")`: oneDNN products, the model's numbers to float32 rounding).
+    """
+
+    def __init__(self, directory: str, model, processor, model_name: str | None = None, create: bool = False,
+                 keep_tokens: bool = True, window_seconds: float = WINDOW_SECONDS, hop_seconds: float = HOP_SECONDS,
+                 fast_cpu_encoder: bool = False):  # fmt: skip
+        self.directory, self.model, self.processor = directory, model, processor
+        self.sampling_rate = processor.feature_extractor.sampling_rate
+        config_path = os.path.join(directory, LIBRARY_CONFIG)
+        identity = weights_fingerprint(model)
+        if os.path.exists(config_path):
+            with open(config_path) as handle:
+                self.config = json.load(handle)
+            if self.config["model_identity"] != identity:
+                raise ValueError(
+                    f"The library {directory} was built with another model ({self.config.get('model')}, identity "
+                    f"{self.config['model_identity']}); this model's identity is {identity}. Use that model, or "
+                    "index into a new --library."
+                )
+        elif create:
+            if hop_seconds <= 0 or hop_seconds > window_seconds:
+                raise ValueError(f"Need 0 < hop_seconds <= window_seconds; got {hop_seconds} and {window_seconds}.")
+            os.makedirs(directory, exist_ok=True)
+            self.config = {"format": 1, "model": model_name, "model_identity": identity, "keep_tokens": keep_tokens,
+                           "window_seconds": window_seconds, "hop_seconds": hop_seconds,
+                           "fast_cpu_encoder": fast_cpu_encoder}  # fmt: skip
+            _write_json_atomically(config_path, self.config)
+        else:
+            raise FileNotFoundError(
+                f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
+            )
+        embed_width = model.config.num_query_tokens * model.config.embed_dim
+        self.embeddings = FeatureCache(directory, "embeddings", embed_width)
+        self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
+        self._live = None
+        self._audio_encoder = None  # BEATs' CPU copy, built on first use (`beats_cpu.cpu_copy`)
+        files_path = os.path.join(directory, LIBRARY_FILES)
+        self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
+
+    @classmethod
+    def load(cls, directory: str, model_name_or_path: str | None = None, device="cpu") -> "AudioLibrary":
+        """Open a library with the model it was built with (or the one given)."""
+        config_path = os.path.join(directory, LIBRARY_CONFIG)
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(
+                f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
+            )
+        with open(config_path) as handle:
+            name = model_name_or_path or json.load(handle)["model"]
+        model, processor = load_model(name, device)
+        return cls(directory, model, processor, name)
+
+    # --- embedding ---------------------------------------------------------------------------------------------------
+
+    def windows(self, waveform: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
+        window = int(round(self.config["window_seconds"] * self.sampling_rate))
+        hop = int(round(self.config["hop_seconds"] * self.sampling_rate))
+        starts = window_starts(waveform.shape[0], window, hop)
+        return starts, [waveform[start : start + window] for start in starts]
+
+    @torch.no_grad()
+    def embed_waveforms(self, waveforms: list[np.ndarray], batch_size: int = 8):
+        """Audio embeddings `(n, queries, embed_dim)` of 16 kHz mono waveforms, and their BEATs tokens (float16)."""
+        device = next(self.model.parameters()).device
+        embeds, tokens = [], []
+        for start in range(0, len(waveforms), batch_size):
+            inputs = self.processor.feature_extractor(
+                waveforms[start : start + batch_size], sampling_rate=self.sampling_rate, return_tensors="pt"
+            ).to(device)
+            states, mask = self._audio_hidden_states(inputs)
+            audio = self.model.get_audio_features(audio_hidden_states=states, audio_attention_mask=mask)
+            embeds.append(audio.audio_embeds.float().cpu())
+            lengths = mask.sum(-1).tolist()
+            tokens += [s[:n].to(torch.float16).cpu().numpy() for s, n in zip(states, lengths)]
+        return torch.cat(embeds), tokens
+
+    def _audio_hidden_states(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs["input_features"].device.type != "cpu":
+            return self.model.get_audio_hidden_states(**inputs)
+        if self._audio_encoder is None:
+            from beats_cpu import cpu_copy
+
+            # Libraries made before the setting existed are exact.
+            precision = "fast" if self.config.get("fast_cpu_encoder") else "float32"
+            self._audio_encoder, _ = cpu_copy(self.model.audio_model, precision)
+        outputs = self._audio_encoder(inputs["input_features"], inputs.get("feature_attention_mask"))
+        return outputs.last_hidden_state, outputs.attention_mask
+
+    def index(self, root: str, batch_size: int = 8, show_progress: bool = True) -> dict:
+        """
+        Embed every audio file under `root` not yet in the library (new or changed files), with a progress bar.
+        Resumable: what a killed run stored is kept and not embedded again. Unreadable files are reported, not fatal,
+        and tried again next time. Returns `{"files", "embedded", "reused", "failed": [{"audio", "reason"}]}`.
+        """
+        root = os.path.abspath(root)
+        if not os.path.isdir(root):
+            raise NotADirectoryError(f"{root}: not a folder")
+        paths = audio_files(root)
+        keys = {path: clip_key(path) for path in paths}
+        todo = [path for path in paths if keys[path] not in self.embeddings]
+        failed, pending, pending_windows = [], [], 0
+
+        def flush():
+            flat = [window for _, _, _, windows in pending for window in windows]
+            if not flat:
+                return
+            embeds, tokens = self.embed_waveforms(flat, batch_size)
+            embeds = embeds.flatten(1).numpy()
+            rows, token_items = [], []
+            first = 0
+            for path, duration, starts, windows in pending:
+                count = len(windows)
+                token_items += [(f"{keys[path]}#{i}", tokens[first + i], {}) for i in range(count)]
+                rows.append((keys[path], embeds[first : first + count],
+                             {"path": path, "seconds": duration, "starts": starts}))  # fmt: skip
+                first += count
+            if self.config["keep_tokens"]:
+                self.tokens.append(token_items)  # before the embeddings: a stored embedding always has its tokens
+            self.embeddings.append(rows)
+            pending.clear()
+
+        progress = tqdm(todo, desc="Indexing", unit="file", disable=not show_progress)
+        for path in progress:
+            try:
+                waveform = load_audio(path, sampling_rate=self.sampling_rate)
+            except AudioLoadError as error:
+                failed.append({"audio": path, "reason": str(error)})
+                continue
+            starts, windows = self.windows(waveform)
+            pending.append((path, waveform.shape[0] / self.sampling_rate, starts, windows))
+            pending_windows += len(windows)
+            if pending_windows >= batch_size:
+                flush()
+                pending_windows = 0
+        flush()
+        progress.close()
+        self.files[root] = {path: keys[path] for path in paths if keys[path] in self.embeddings}
+        self._live = None
+        _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
+        if failed:
+            with open(os.path.join(self.directory, "failures.jsonl"), "a") as handle:
+                handle.writelines(json.dumps(f) + "\n" for f in failed)
+            shown = "; ".join(f"{f['audio']} ({f['reason']})" for f in failed[:20])
+            more = f" and {len(failed) - 20} more (see failures.jsonl)" if len(failed) > 20 else ""
+            logger.warning(f"{len(failed)} file(s) could not be read and were skipped: {shown}{more}")
+        return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - len(todo),
+                "failed": failed}  # fmt: skip
+
+    # --- searching ---------------------------------------------------------------------------------------------------
+
+    def _live_windows(self):
+        """
+        Rows of the windows of the files currently indexed, each row's file key, the rows as (n, Q, D) and the most
+        windows of a file; computed once per library state (`index` resets it).
+        """
+        if self._live is None:
+            self._live = self._find_live_windows()
+        return self._live
+
+    def _find_live_windows(self):
+        keys = sorted({key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys()))
+        if not keys:
+            raise ValueError(f"The library {self.directory} holds no files yet: run `audio-qformer index DIR` first.")
+        rows, owners = [], []
+        for key in keys:
+            _, offset, length = self.embeddings.location(key)
+            rows.extend(range(offset, offset + length))
+            owners += [key] * length
+        array = self.embeddings.shard_array(0)
+        queries, dim = self.model.config.num_query_tokens, self.model.config.embed_dim
+        rows = np.asarray(rows)
+        if len(rows) != array.shape[0] or not (rows == np.arange(len(rows))).all():
+            array = array[rows]  # stale windows present: gather the live ones
+        max_windows = max(len(self.embeddings.metadata(key)["starts"]) for key in keys)
+        return rows, owners, array.reshape(-1, queries, dim), max_windows
+
+    def vector_index(self, build: bool = False):
+        """
+        The library's approximate index (`vector_search.ApproximateAudioIndex`, FAISS) over every stored window, in
+        `vector_index/`: loaded, brought up to date with windows stored since, or built when `build` is set.
+        """
+        from vector_search import ApproximateAudioIndex
+
+        path = os.path.join(self.directory, "vector_index")
+        rows = self.embeddings.shard_array(0)
+        rows = rows.reshape(-1, self.model.config.num_query_tokens, self.model.config.embed_dim)
+        if os.path.exists(os.path.join(path, "config.json")):
+            index = ApproximateAudioIndex.load(path)
+            if len(index) < rows.shape[0]:
+                index.add(np.asarray(rows[len(index) :]))
+                index.save(path)
+            return index
+        if not build:
+            raise FileNotFoundError(
+                f"The library {self.directory} has no vector index: build it with `audio-qformer index DIR --vector_index`."
+            )
+        # Product quantisation needs 256 training vectors per codebook; small libraries keep exact vectors instead.
+        small = rows.shape[0] * rows.shape[1] < 256 * 39
+        factory = {"index_factory": "IVF{nlist},Flat"} if small else {}  # else the measured default (IVF-PQ fast scan)
+        index = ApproximateAudioIndex.build(np.asarray(rows), **factory)
+        index.save(path)
+        return index
+
+    def _top_files(self, query_embeds: torch.Tensor, k: int, exclude: set[str] = frozenset(), approximate=False):
+        """Per query, the best `k` files as (key, window row, cosine), each file counted once (its best window)."""
+        rows, owners, array, max_windows = self._live_windows()
+        if approximate:  # the index covers every stored row, stale ones included: those are skipped below
+            index = self.vector_index()
+            limit = min(len(index), (k + len(exclude)) * max_windows + len(index) - len(rows))
+            scores, stored_rows = index.search(query_embeds, limit)
+            position = {int(row): i for i, row in enumerate(rows)}
+            indices = [[position.get(row, -1) for row in query_rows] for query_rows in stored_rows.tolist()]
+        else:
+            limit = min(len(rows), (k + len(exclude)) * max_windows)  # enough windows to hold k distinct files
+            scores, indices = exact_search(query_embeds, array, limit)
+            indices = indices.tolist()
+        results = []
+        for query_scores, query_indices in zip(scores.tolist(), indices):
+            seen, hits = set(), []
+            for score, index in zip(query_scores, query_indices):
+                if index < 0:
+                    continue
+                key = owners[index]
+                if key in seen or self.embeddings.metadata(key)["path"] in exclude:
+                    continue
+                seen.add(key)
+                hits.append((key, int(rows[index]), score))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+    def _hit(self, key: str, row: int, cosine: float, score: float | None = None, match_logit=None) -> SearchHit:
+        meta = self.embeddings.metadata(key)
+        window = row - self.embeddings.location(key)[1]
+        start = meta["starts"][window] / self.sampling_rate
+        return SearchHit(meta["path"], cosine if score is None else score, cosine, start, match_logit)
+
+    def _window_tokens(self, key_rows: list[tuple[str, int]]) -> list[np.ndarray]:
+        """BEATs tokens of windows: stored ones, else computed again from the audio."""
+        tokens = []
+        for key, row in key_rows:
+            window = row - self.embeddings.location(key)[1]
+            if f"{key}#{window}" in self.tokens:
+                tokens.append(self.tokens.get(f"{key}#{window}"))
+            else:
+                meta = self.embeddings.metadata(key)
+                _, windows = self.windows(load_audio(meta["path"], sampling_rate=self.sampling_rate))
+                tokens.append(self.embed_waveforms([windows[window]])[1][0])
+        return tokens
+
+    @torch.no_grad()
+    def search(
+        self, texts: list[str], k: int = 10, rerank: int = 0, batch_size: int = 64, approximate: bool = False
+    ) -> list[list[SearchHit]]:
+        """
+        The `k` best files for each text. With `rerank > 0` the first `rerank` of them are re-ordered by the matching
+        head (score = match logit + cosine), in one batched pass over all (text, candidate) pairs. `approximate`
+        searches with the vector index (see `vector_index`) instead of scoring every window.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not text or not text.strip() for text in texts):
+            raise ValueError("Search needs non-empty text queries.")
+        device = next(self.model.parameters()).device
+        tokens = self.processor.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.model.config.eval_max_text_length,
+            return_tensors="pt", return_token_type_ids=False,
+        )  # fmt: skip
+        text_embeds = self.model.get_text_features(**tokens.to(device)).text_embeds.float().cpu()
+        found = self._top_files(text_embeds, max(k, rerank), approximate=approximate)
+        if rerank <= 0:
+            return [[self._hit(*hit) for hit in hits[:k]] for hits in found]
+        depth = min(rerank, min(len(hits) for hits in found))
+        pairs = [hits[:depth] for hits in found]
+        flat = [hit for hits in pairs for hit in hits]
+        candidates = torch.arange(len(flat)).view(len(texts), depth)
+        cosines = torch.tensor([[cos for _, _, cos in hits] for hits in pairs])
+        order, scores = rerank_with_matching_head(
+            self.model, candidates, cosines, tokens["input_ids"].cpu(), tokens["attention_mask"].cpu(),
+            lambda ids: self._window_tokens([flat[i][:2] for i in ids]), batch_size=batch_size,
+        )  # fmt: skip
+        results = []
+        for q, hits in enumerate(found):
+            reranked = []
+            for index, score in zip(order[q].tolist(), scores[q].tolist()):
+                key, row, cosine = flat[index]
+                reranked.append(self._hit(key, row, cosine, score, score - cosine))
+            results.append((reranked + [self._hit(*hit) for hit in hits[depth:]])[:k])
+        return results
+
+    @torch.no_grad()
+    def similar(self, path: str, k: int = 10) -> list[SearchHit]:
+        """The `k` files that sound most like `path` (best pair of query tokens over all windows), itself excluded."""
+        waveform = load_audio(path, sampling_rate=self.sampling_rate)
+        embeds, _ = self.embed_waveforms(self.windows(waveform)[1])
+        query = embeds.reshape(1, -1, embeds.shape[-1])  # every query token of every window
+        return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
+
+
+__all__ = ["AudioLibrary", "HOP_SECONDS", "SearchHit", "WINDOW_SECONDS", "load_model", "window_starts"]
