@@ -607,12 +607,18 @@ def convert_original_state_dict(original: dict[str, torch.Tensor], config: Beats
 
 def max_over_queries(audio_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
     """
-    Audio-text similarity `(num_audio, num_text)`: the best of each clip's query embeddings for each text.
+    The retrieval score `(num_audio, num_text)`: for each clip and text, the best of the clip's query embeddings.
 
     `audio_embeds` is `(num_audio, num_queries, dim)` and `text_embeds` `(num_text, dim)`; with normalised embeddings
-    this is BLIP-2's ITC similarity (`sim_q2t.max(-1)` in LAVIS), the cosine of the best-matching query.
+    this is BLIP-2's ITC similarity (`sim_q2t.max(-1)` in LAVIS), the cosine of the best-matching query. A query of
+    several vectors, `(num_text, vectors, dim)` (a clip used as the query), scores as its best pair of vectors. One
+    matrix product in the inputs' dtype; the search over a stored library (`vector_search`) computes it in chunks.
     """
-    return torch.einsum("aqd,td->atq", audio_embeds, text_embeds).amax(dim=-1)
+    text = text_embeds[:, None, :] if text_embeds.dim() == 2 else text_embeds
+    num_audio, num_queries, dim = audio_embeds.shape
+    num_text, num_vectors, _ = text.shape
+    products = audio_embeds.reshape(-1, dim) @ text.reshape(-1, dim).T
+    return products.view(num_audio, num_queries, num_text, num_vectors).amax(dim=3).amax(dim=1)
 
 
 def contrastive_logits(

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
+from modeling_audio_qformer import max_over_queries
+
 
 logger = logging.get_logger(__name__)
 
@@ -97,26 +99,15 @@ def gather_clips(audio_embeds, indices: np.ndarray) -> torch.Tensor:
 _FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
 
-def pairwise_max_scores(queries: torch.Tensor, clips: torch.Tensor) -> torch.Tensor:
-    """
-    Scores `(Q, C)` of queries `(Q, P, D)` against clips `(C, R, D)`: the largest dot product over every pair of a
-    query vector and a clip vector. With one vector per query this is `max_over_queries(clips, queries[:, 0]).T`.
-    Computed in the inputs' dtype; the BLAS kernel, hence the last bit, depends on the shapes.
-    """
-    num_queries, query_vectors, dim = queries.shape
-    num_clips, clip_vectors, _ = clips.shape
-    products = queries.reshape(-1, dim) @ clips.reshape(-1, dim).T
-    return products.view(num_queries, query_vectors, num_clips, clip_vectors).amax(dim=3).amax(dim=1)
-
-
 def exact_scores(queries: torch.Tensor, clips: torch.Tensor) -> torch.Tensor:
     """
-    The scores both searches return, `(Q, C)` float32: `pairwise_max_scores` accumulated in float64 (the products
+    The scores both searches return, `(Q, C)` float32: the model's score (`max_over_queries`, every pair of a query
+    vector and a clip vector) accumulated in float64 (the products
     of float32 inputs are exact there) and rounded to float32. An fp32 matmul's result depends on its shapes
     (MKL picks kernels by size), so without this a clip's score would change in the last bit with the chunk or the
     candidate set it is scored in, and equal scores would not reliably tie.
     """
-    return pairwise_max_scores(queries.double(), clips.double()).float()
+    return max_over_queries(clips.double(), queries.double()).T.float()
 
 
 def merge_top_k(best_scores, best_indices, scores, indices, k: int):
@@ -139,7 +130,7 @@ def sort_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int):
 
 def scan_top_k(queries: torch.Tensor, audio_embeds, k: int, batch_size: int):
     """
-    One pass over the library in float32: each query's `k` best clips `(Q, k)` by `pairwise_max_scores`, and the
+    One pass over the library in float32: each query's `k` best clips `(Q, k)` by `max_over_queries`, and the
     largest clip vector norm seen (for the rounding bound). Queries are split so that one score block stays under
     `_MAX_BLOCK_ELEMENTS`.
     """
@@ -154,7 +145,7 @@ def scan_top_k(queries: torch.Tensor, audio_embeds, k: int, batch_size: int):
         max_norm = torch.maximum(max_norm, torch.linalg.vector_norm(clips, dim=-1).amax())
         query_block = max(1, _MAX_BLOCK_ELEMENTS // (queries.shape[1] * clips.shape[0] * clips.shape[1]))
         scores = torch.cat(
-            [pairwise_max_scores(queries[q : q + query_block], clips) for q in range(0, num_queries, query_block)]
+            [max_over_queries(clips, queries[q : q + query_block]).T for q in range(0, num_queries, query_block)]
         )
         indices = torch.arange(start, start + clips.shape[0], device=queries.device).expand(num_queries, -1)
         best_scores, best_indices = merge_top_k(best_scores, best_indices, scores, indices, k)
@@ -715,5 +706,4 @@ __all__ = [
     "import_faiss",
     "isotropic_embeddings",
     "noisy_queries",
-    "pairwise_max_scores",
 ]
