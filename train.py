@@ -51,11 +51,11 @@ logger = get_logger(__name__)
 # The report's recipe (section 3) and a few-minute CPU run on the embedded synthetic set. The report gives no total
 # step count; stage 1 runs one cosine period after the warm-up.
 PRESETS = {
-    "stage1": dict(num_query_tokens=32, max_text_length=32, learning_rate=1e-4, num_warmup_steps=1000, cosine_period_steps=1800, max_train_steps=2800,
+    "stage1": dict(num_query_tokens=32, learning_rate=1e-4, num_warmup_steps=1000, cosine_period_steps=1800, max_train_steps=2800,
                    per_device_train_batch_size=16, total_batch_size=256, eval_steps=200, checkpointing_steps=200),
-    "stage2": dict(num_query_tokens=32, max_text_length=32, learning_rate=1e-5, num_warmup_steps=100, cosine_period_steps=1800, max_train_steps=1900,
+    "stage2": dict(num_query_tokens=32, learning_rate=1e-5, num_warmup_steps=100, cosine_period_steps=1800, max_train_steps=1900,
                    per_device_train_batch_size=16, total_batch_size=256, eval_steps=100, checkpointing_steps=100),
-    "demo": dict(num_query_tokens=16, max_text_length=32, num_qformer_layers=2, learning_rate=1e-3,
+    "demo": dict(num_query_tokens=16, num_qformer_layers=2, learning_rate=1e-3,
                  num_warmup_steps=20, cosine_period_steps=230, max_train_steps=250, per_device_train_batch_size=16,
                  total_batch_size=16, eval_steps=50, checkpointing_steps=50),
 }  # fmt: skip
@@ -103,7 +103,9 @@ def parse_args(argv=None):
     train.add_argument("--gradient_accumulation_steps", type=int,
                        help="Micro-batches per optimizer step (default: derived from --total_batch_size).")
     train.add_argument("--max_audio_tokens", type=int, default=512, help="Crop longer clips to this many BEATs tokens.")
-    train.add_argument("--max_text_length", type=int, help="Caption length in tokens for training (the report: 32).")
+    train.add_argument("--max_text_length", type=int,
+                       help="Caption length in tokens for training (default: the model config's train_max_text_length, "
+                            "32 as in the report; recorded there).")
     train.add_argument("--atc_gather_with_grad", action="store_true",
                        help="Contrastive candidates gathered from the batch carry gradient (open_clip's convention); "
                             "by default they do not, as in LAVIS (config.atc_gather_with_grad).")
@@ -377,10 +379,11 @@ def main(argv=None):
         beats = args.beats_checkpoint or BeatsConfig(**DEMO_BEATS)
         model = AudioQFormerModel.from_components(
             beats, args.bert, num_qformer_layers=args.num_qformer_layers, num_query_tokens=args.num_query_tokens,
-            train_max_text_length=args.max_text_length,
         )
         tokenizer = AutoTokenizer.from_pretrained(args.bert or default_bert_checkpoint())
     model.config.atc_gather_with_grad = args.atc_gather_with_grad
+    if args.max_text_length is not None:
+        model.config.train_max_text_length = args.max_text_length
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), tokenizer)
 
     # Data, then BEATs tokens for every clip (computed once, shared between processes)
@@ -410,7 +413,8 @@ def main(argv=None):
     )
 
     train_dataset = CachedPairs(train_rows, cache, args.max_audio_tokens, args.seed)
-    collate = make_collate(tokenizer, args.max_text_length, args.max_audio_tokens if accelerator.num_processes > 1 else None)
+    pad_audio_to = args.max_audio_tokens if accelerator.num_processes > 1 else None
+    collate = make_collate(tokenizer, model.config.train_max_text_length, pad_audio_to)
     # Its own generator: starting an iterator then draws nothing from the global RNG, which drives dropout and is
     # restored on resume (so a resumed run's dropout masks continue exactly).
     train_dataloader = torch.utils.data.DataLoader(

@@ -86,6 +86,7 @@ def test_two_processes_with_accumulation(tiny_setup, tmp_path, gradient_option):
     model = AutoModel.from_pretrained(output_dir, trust_remote_code=True)
     assert model.config.num_query_tokens == 4
     assert model.config.atc_gather_with_grad == bool(gradient_option)
+    assert model.config.train_max_text_length == 16  # --max_text_length, recorded where the collate reads it
     card = (output_dir / "README.md").read_text()
     assert "pipeline_tag: zero-shot-audio-classification" in card and "model-index" in card
 
