@@ -30,7 +30,7 @@ from transformers.utils import logging
 
 from audio_io import AudioLoadError, audio_files, load_audio
 from feature_cache import FeatureCache, clip_key, weights_fingerprint
-from retrieval import rerank_with_matching_head
+from retrieval import rerank_with_matching_head, tokenize_texts
 from vector_search import exact_search
 
 
@@ -367,10 +367,7 @@ class AudioLibrary:
         if not texts or any(not text or not text.strip() for text in texts):
             raise ValueError("Search needs non-empty text queries.")
         device = next(self.model.parameters()).device
-        tokens = self.processor.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.model.config.eval_max_text_length,
-            return_tensors="pt", return_token_type_ids=False,
-        )  # fmt: skip
+        tokens = tokenize_texts(self.processor, self.model, texts)
         text_embeds = self.model.get_text_features(**tokens.to(device)).text_embeds.float().cpu()
         found = self._top_files(text_embeds, max(k, rerank), approximate=approximate)
         if rerank <= 0:

@@ -129,7 +129,7 @@ def main(argv=None):
     key_of = dict(zip(rows["audio_id"], rows["key"]))
 
     own_metrics, rankings = evaluate_text_to_audio(
-        model, processor.tokenizer, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]),
+        model, processor, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]),
         args.batch_size, args.rerank_top_k, show_progress=True,
     )  # fmt: skip
     metric = evaluate.load(METRIC_PATH)

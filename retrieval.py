@@ -15,17 +15,18 @@ def group_by_clip(audio_ids: list[str]) -> tuple[list[str], torch.Tensor]:
     return list(clips), torch.tensor(targets, dtype=torch.long)
 
 
+def tokenize_texts(processor, model, texts: list[str], max_length: int | None = None):
+    """Texts through the processor as retrieval reads them: padded to the longest, cut at the model's evaluation length."""
+    return processor(text=list(texts), max_length=max_length or model.config.eval_max_text_length, return_tensors="pt")
+
+
 @torch.no_grad()
-def embed_texts(model, tokenizer, captions: list[str], batch_size: int = 256, max_length: int | None = None):
+def embed_texts(model, processor, captions: list[str], batch_size: int = 256, max_length: int | None = None):
     """Normalised text embeddings `(len(captions), embed_dim)`."""
-    max_length = max_length or model.config.eval_max_text_length
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(captions), batch_size):
-        tokens = tokenizer(
-            captions[start : start + batch_size], padding="longest", truncation=True, max_length=max_length,
-            return_tensors="pt", return_token_type_ids=False,
-        ).to(device)  # fmt: skip
+        tokens = tokenize_texts(processor, model, captions[start : start + batch_size], max_length).to(device)
         outputs.append(model.get_text_features(**tokens).text_embeds.float().cpu())
     return torch.cat(outputs)
 
@@ -130,7 +131,7 @@ def rerank_rankings(model, rankings, similarity, input_ids, attention_mask, audi
 
 @torch.no_grad()
 def evaluate_text_to_audio(
-    model, tokenizer, captions: list[str], audio_ids: list[str], audio_tokens, batch_size: int = 32,
+    model, processor, captions: list[str], audio_ids: list[str], audio_tokens, batch_size: int = 32,
     rerank_top_k: int = 0, show_progress: bool = False,
 ) -> tuple[dict, dict]:  # fmt: skip
     """
@@ -147,12 +148,11 @@ def evaluate_text_to_audio(
     clips, targets = group_by_clip(audio_ids)
     arrays = [audio_tokens(clip) for clip in clips]
     audio_embeds = embed_cached_audio(model, arrays, batch_size)
-    text_embeds = embed_texts(model, tokenizer, captions, max(batch_size, 64))
+    text_embeds = embed_texts(model, processor, captions, max(batch_size, 64))
     similarity = max_over_queries(audio_embeds, text_embeds).t()  # (captions, clips)
     systems = {"ATC": rank_items(similarity)}
     if rerank_top_k:
-        tokens = tokenizer(captions, padding="longest", truncation=True, max_length=model.config.eval_max_text_length,
-                           return_tensors="pt", return_token_type_ids=False)  # fmt: skip
+        tokens = tokenize_texts(processor, model, captions)
         systems[f"ATC + re-rank top {rerank_top_k}"], _ = rerank_rankings(
             model, systems["ATC"], similarity, tokens["input_ids"], tokens["attention_mask"],
             lambda ids: [arrays[i] for i in ids], top_k=rerank_top_k, batch_size=batch_size, show_progress=show_progress,
@@ -171,4 +171,5 @@ __all__ = [
     "pad_tokens",
     "rerank_rankings",
     "rerank_with_matching_head",
+    "tokenize_texts",
 ]

@@ -212,12 +212,12 @@ class CachedPairs(torch.utils.data.Dataset):
         return {"tokens": tokens, "caption": self.captions[index], "audio_id": self.audio_ids[index]}
 
 
-def make_collate(tokenizer, max_text_length: int, pad_audio_to: int | None):
+def make_collate(processor, max_text_length: int, pad_audio_to: int | None):
     def collate(examples):
         states, mask = pad_tokens([e["tokens"] for e in examples], pad_audio_to)
         # Fixed-length captions (LAVIS pads to max_length), so batches gather across processes.
-        text = tokenizer([e["caption"] for e in examples], padding="max_length", truncation=True,
-                         max_length=max_text_length, return_tensors="pt", return_token_type_ids=False)  # fmt: skip
+        text = processor(text=[e["caption"] for e in examples], padding="max_length", max_length=max_text_length,
+                         return_tensors="pt")  # fmt: skip
         return {"input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                 "audio_hidden_states": states, "audio_attention_mask": mask,
                 "audio_ids": torch.tensor([e["audio_id"] for e in examples])}  # fmt: skip
@@ -264,14 +264,14 @@ def make_batch_gatherer(accelerator):
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 
-def evaluate_sets(model, tokenizer, evaluation, cache, batch_size: int) -> dict:
+def evaluate_sets(model, processor, evaluation, cache, batch_size: int) -> dict:
     """Text-to-audio R@1/5/10 and mAP@10 (contrastive ranking) of each validation set."""
     results = {}
     model.eval()
     for name, rows in evaluation.items():
         key_of = dict(zip(rows["audio_id"], rows["key"]))
         metrics, _ = evaluate_text_to_audio(
-            model, tokenizer, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]), batch_size
+            model, processor, rows["caption"], rows["audio_id"], lambda clip: cache.get(key_of[clip]), batch_size
         )
         results[name] = {**metrics["ATC"], "clips": len(key_of), "queries": len(rows)}
     model.train()
@@ -414,7 +414,7 @@ def main(argv=None):
 
     train_dataset = CachedPairs(train_rows, cache, args.max_audio_tokens, args.seed)
     pad_audio_to = args.max_audio_tokens if accelerator.num_processes > 1 else None
-    collate = make_collate(tokenizer, model.config.train_max_text_length, pad_audio_to)
+    collate = make_collate(processor, model.config.train_max_text_length, pad_audio_to)
     # Its own generator: starting an iterator then draws nothing from the global RNG, which drives dropout and is
     # restored on resume (so a resumed run's dropout masks continue exactly).
     train_dataloader = torch.utils.data.DataLoader(
@@ -514,7 +514,7 @@ def main(argv=None):
 
             if completed_steps % args.eval_steps == 0 or completed_steps == args.max_train_steps:
                 if accelerator.is_main_process:
-                    record["eval"] = evaluate_sets(unwrapped, tokenizer, evaluation, cache, args.per_device_eval_batch_size)
+                    record["eval"] = evaluate_sets(unwrapped, processor, evaluation, cache, args.per_device_eval_batch_size)
                     first = next(iter(record["eval"].values()))
                     progress.write(f"step {completed_steps}: " + "; ".join(
                         f"{n} mAP@10 {100 * m['mAP@10']:.1f} R@1 {100 * m['R@1']:.1f}" for n, m in record["eval"].items()))  # fmt: skip

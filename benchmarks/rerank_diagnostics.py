@@ -30,7 +30,7 @@ from audio_text_data import load_audiofolder, with_cache_keys  # noqa: E402
 from feature_cache import build_cache  # noqa: E402
 from modeling_audio_qformer import max_over_queries, sample_hard_negatives  # noqa: E402
 from ranking_metrics import rank_items  # noqa: E402
-from retrieval import embed_cached_audio, embed_texts, group_by_clip, rerank_with_matching_head  # noqa: E402
+from retrieval import embed_cached_audio, embed_texts, group_by_clip, rerank_with_matching_head, tokenize_texts  # noqa: E402
 
 
 CONSTANT_PREDICTOR_LOSS = -(math.log(1 / 3) / 3 + 2 * math.log(2 / 3) / 3)  # labels: 1 positive, 2 negatives
@@ -50,7 +50,7 @@ def embedded_set(model, processor, directory: str, cache_dir: str) -> dict:
     return {
         "captions": list(rows["caption"]), "targets": targets, "tokens": tokens,
         "attributes": [attributes_of[path_of[clip]] for clip in clip_ids],
-        "audio_embeds": embed_cached_audio(model, tokens), "text_embeds": embed_texts(model, processor.tokenizer, list(rows["caption"])),
+        "audio_embeds": embed_cached_audio(model, tokens), "text_embeds": embed_texts(model, processor, list(rows["caption"])),
     }  # fmt: skip
 
 
@@ -62,8 +62,7 @@ def auc(positive: float, negatives: torch.Tensor) -> float:
 def held_out_separation(model, processor, library: dict, top_k: int = 16) -> dict:
     similarity = max_over_queries(library["audio_embeds"], library["text_embeds"]).t()
     candidates = rank_items(similarity, top_k)
-    tokens = processor.tokenizer(library["captions"], padding="longest", truncation=True, return_tensors="pt",
-                                 max_length=model.config.eval_max_text_length, return_token_type_ids=False)  # fmt: skip
+    tokens = tokenize_texts(processor, model, library["captions"])
     # Zero cosines: the re-rank's scores are then the match logits alone.
     reordered, logits = rerank_with_matching_head(
         model, candidates, torch.zeros(candidates.shape), tokens["input_ids"], tokens["attention_mask"],

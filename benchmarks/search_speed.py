@@ -181,23 +181,24 @@ def captions(count: int, seed: int = 0) -> list[str]:
 
 
 def text_encoder(bert: str | None):
-    """`encode(caption)`: tokenizer plus `get_text_features` of the model architecture, MiniLM-L6 by default."""
+    """`encode(caption)`: the processor plus `get_text_features` of the model architecture, MiniLM-L6 by default."""
     from transformers import AutoTokenizer
 
     from configuration_audio_qformer import BeatsConfig
     from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
-    from processing_audio_qformer import add_decoder_token
+    from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
+    from retrieval import tokenize_texts
 
     tiny_beats = BeatsConfig(embed_dim=24, encoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
                              encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)  # fmt: skip
     model = AudioQFormerModel.from_components(
         tiny_beats, bert, num_query_tokens=NUM_QUERY_TOKENS, embed_dim=EMBED_DIM
     ).eval()
-    tokenizer = add_decoder_token(AutoTokenizer.from_pretrained(bert or default_bert_checkpoint()))
+    processor = AudioQFormerProcessor(BeatsFeatureExtractor(), AutoTokenizer.from_pretrained(bert or default_bert_checkpoint()))
 
     @torch.no_grad()
     def encode(caption: str) -> torch.Tensor:
-        tokens = tokenizer([caption], return_tensors="pt", return_token_type_ids=False)
+        tokens = tokenize_texts(processor, model, [caption])
         return model.get_text_features(**tokens).text_embeds
 
     return encode
