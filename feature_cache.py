@@ -61,10 +61,14 @@ def clip_key(audio_path: str | None, audio_bytes: bytes | None = None) -> str:
 
 
 class FeatureCache:
-    """BEATs tokens of many clips, stored once and read memory-mapped (float16)."""
+    """
+    Blocks of `(rows, hidden_size)` float16 vectors under string keys, stored once and read memory-mapped: BEATs
+    tokens of many clips (training's cache, in a folder named by `model_fingerprint`), or a sound library's
+    embeddings and tokens (folders `embeddings/` and `tokens/`). `name` is that folder under `root`.
+    """
 
-    def __init__(self, root: str, fingerprint: str, hidden_size: int):
-        self.directory = os.path.join(root, fingerprint)
+    def __init__(self, root: str, name: str, hidden_size: int):
+        self.directory = os.path.join(root, name)
         self.hidden_size = hidden_size
         self._entries: dict[str, tuple[int, int, int]] = {}  # key -> (shard, offset in tokens, tokens)
         self._metadata: dict[str, dict] = {}  # key -> extra fields stored with the entry by `append`
