@@ -337,7 +337,7 @@ class BeatsEncoder(nn.Module):
         attn_bias_buffer = None
         needs_full_bias = position_bias is not None and (self.config.gru_rel_pos or key_padding_bias is not None)
         if needs_full_bias and len(self.layers) and not torch.is_grad_enabled():  # `out=` cannot record autograd
-            # In the dtype of the projections, which attention runs in (bfloat16 in `beats_cpu.fast_cpu_copy`'s copy).
+            # In the dtype of the projections, which attention runs in (bfloat16 in `beats_cpu.cpu_copy`'s copy).
             attn_bias_buffer = hidden_states.new_empty(
                 (batch_size, self.config.encoder_attention_heads, length, length),
                 dtype=self.layers[0].self_attn.q_proj.weight.dtype,
@@ -1189,8 +1189,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 Also return `itm_logits` for the (clip i, caption i) pairs.
             batch_gatherer (`Callable`, *optional*):
                 With `return_loss` across processes: maps a local tensor to its concatenation over all processes,
-                differentiably (each slice's gradient goes back to the process that owns it, as
-                `torch.distributed.nn.functional.all_gather` does). Contrastive candidates and hard negatives are then
+                differentiably (each slice's gradient goes back to the process that owns it, as LAVIS'
+                `GatherLayer` does; `train.make_batch_gatherer`). Contrastive candidates and hard negatives are then
                 drawn from the global batch; whether the candidates carry gradient is `config.atc_gather_with_grad`.
                 Defaults to this process's batch only. `audio_ids` are required with a gatherer.
             generator (`torch.Generator`, *optional*):
