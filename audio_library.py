@@ -188,7 +188,7 @@ class AudioLibrary:
             precision = "fast" if self.config.get("fast_cpu_encoder") else "float32"
             self._audio_encoder, _ = cpu_copy(self.model.audio_model, precision)
         outputs = self._audio_encoder(inputs["input_features"], inputs.get("feature_attention_mask"))
-        return outputs.last_hidden_state, outputs.attention_mask
+        return outputs.last_hidden_state, outputs.audio_attention_mask
 
     def index(self, root: str, batch_size: int = 8, show_progress: bool = True) -> dict:
         """

@@ -31,8 +31,9 @@ class BeatsConfig(PreTrainedConfig):
         input_patch_size (`int`, *optional*, defaults to 16):
             Side of the square patches cut from the (frames x mel bins) fbank. A patch covers 16 frames (160 ms) and 16
             mel bins, so a 128-bin fbank gives 8 frequency patches per 160 ms time patch.
-        embed_dim (`int`, *optional*, defaults to 512):
-            Channels of the patch embedding convolution, before `post_extract_proj` maps them to `encoder_embed_dim`.
+        patch_embed_dim (`int`, *optional*, defaults to 512):
+            Channels of the patch embedding convolution, before `post_extract_proj` maps them to `encoder_embed_dim`
+            (the official `cfg` calls it `embed_dim`; that name is accepted).
         conv_bias (`bool`, *optional*, defaults to `False`):
             Whether the patch embedding convolution has a bias.
         encoder_layers (`int`, *optional*, defaults to 12):
@@ -112,10 +113,13 @@ class BeatsConfig(PreTrainedConfig):
         "num_hidden_layers": "encoder_layers",
         "num_attention_heads": "encoder_attention_heads",
         "intermediate_size": "encoder_ffn_embed_dim",
+        # The official checkpoints' `cfg` (and configs saved before the rename) call the patch channels
+        # `embed_dim`, a name that means the shared space's width in `AudioQFormerConfig`.
+        "embed_dim": "patch_embed_dim",
     }
 
     input_patch_size: int = 16
-    embed_dim: int = 512
+    patch_embed_dim: int = 512
     conv_bias: bool = False
     encoder_layers: int = 12
     encoder_embed_dim: int = 768

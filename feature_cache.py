@@ -273,7 +273,7 @@ class FeatureCache:
                     inputs = feature_extractor(waveforms, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt")
                     outputs = beats_model(**inputs.to(device))
                     hidden = outputs.last_hidden_state.to(torch.float16).cpu().numpy()
-                    lengths = outputs.attention_mask.sum(-1).tolist()
+                    lengths = outputs.audio_attention_mask.sum(-1).tolist()
                     lines = []
                     for clip, states, length in zip(batch, hidden, lengths):
                         if not np.isfinite(states[:length]).all():  # float16 overflow or a broken model: not stored

@@ -64,9 +64,9 @@ class BeatsModelOutput(ModelOutput):
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
         The encoder's output tokens. Token `j` is time patch `j // F` and frequency patch `j % F`, with
         `F = num_mel_bins // input_patch_size` (8 for 128 bins): 8 tokens of 768 per 160 ms.
-    attention_mask (`torch.LongTensor` of shape `(batch_size, num_tokens)`):
-        1 for tokens computed from real audio, 0 for tokens of padding. Pass it on as the cross-attention mask of a
-        model that reads `last_hidden_state`.
+    audio_attention_mask (`torch.LongTensor` of shape `(batch_size, num_tokens)`):
+        1 for tokens computed from real audio, 0 for tokens of padding: the `audio_attention_mask` that
+        [`AudioQFormerModel`] takes with `audio_hidden_states = last_hidden_state`.
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
         The input of the first layer (after the positional convolution) and the output of every layer, each of shape
         `(batch_size, num_tokens, hidden_size)`.
@@ -76,7 +76,7 @@ class BeatsModelOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    attention_mask: torch.LongTensor | None = None
+    audio_attention_mask: torch.LongTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -416,16 +416,16 @@ class BeatsModel(BeatsPreTrainedModel):
     >>> waveforms = [np.random.randn(160000).astype(np.float32) * 0.1, np.random.randn(96000).astype(np.float32) * 0.1]
     >>> with torch.inference_mode():
     ...     outputs = model(**feature_extractor(waveforms, sampling_rate=16000, return_tensors="pt"))
-    >>> outputs.last_hidden_state.shape, outputs.attention_mask.sum(-1).tolist()
+    >>> outputs.last_hidden_state.shape, outputs.audio_attention_mask.sum(-1).tolist()
     (torch.Size([2, 496, 768]), [496, 296])
     ```"""
 
     def __init__(self, config: BeatsConfig):
         super().__init__(config)
         self.patch_embedding = nn.Conv2d(
-            1, config.embed_dim, kernel_size=config.input_patch_size, stride=config.input_patch_size, bias=config.conv_bias
+            1, config.patch_embed_dim, kernel_size=config.input_patch_size, stride=config.input_patch_size, bias=config.conv_bias
         )
-        self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.layer_norm = nn.LayerNorm(config.patch_embed_dim, eps=config.layer_norm_eps)
         self.post_extract_proj = (
             nn.Linear(config.embed_dim, config.encoder_embed_dim)
             if config.embed_dim != config.encoder_embed_dim
@@ -485,23 +485,23 @@ class BeatsModel(BeatsPreTrainedModel):
         hidden_states = self.dropout_input(hidden_states)
 
         if feature_attention_mask is not None:
-            attention_mask = token_attention_mask(feature_attention_mask, patch, num_frequency_patches, num_time_patches)
+            audio_attention_mask = token_attention_mask(feature_attention_mask, patch, num_frequency_patches, num_time_patches)
         else:
-            attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
+            audio_attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
         # A mask without padding (e.g. a batch of equal-length clips) changes nothing: it would only add a pass of
         # zeros over every layer's (batch, heads, tokens, tokens) bias. (Traced, the mask is always applied: the
         # shortcut depends on its values.)
         encoder_mask = None
-        if feature_attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
-            encoder_mask = attention_mask
+        if feature_attention_mask is not None and (torch.compiler.is_compiling() or not bool(audio_attention_mask.all())):
+            encoder_mask = audio_attention_mask
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             hidden_states, encoder_mask, output_hidden_states, output_attentions
         )
 
         if not return_dict:
-            return tuple(v for v in (hidden_states, attention_mask, all_hidden_states, all_attentions) if v is not None)
+            return tuple(v for v in (hidden_states, audio_attention_mask, all_hidden_states, all_attentions) if v is not None)
         return BeatsModelOutput(
-            last_hidden_state=hidden_states, attention_mask=attention_mask, hidden_states=all_hidden_states,
+            last_hidden_state=hidden_states, audio_attention_mask=audio_attention_mask, hidden_states=all_hidden_states,
             attentions=all_attentions,
         )  # fmt: skip
 
@@ -942,7 +942,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         BEATs always runs in fp32, also under autocast: the official model overflows to NaN in fp16.
         """
         outputs = self._run_beats(input_features, feature_attention_mask)
-        return outputs.last_hidden_state, outputs.attention_mask
+        return outputs.last_hidden_state, outputs.audio_attention_mask
 
     @torch.no_grad()
     def _run_beats(self, input_features, feature_attention_mask, **kwargs) -> BeatsModelOutput:
@@ -965,7 +965,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             audio_attention_mask = torch.ones(
                 audio_hidden_states.shape[:2], dtype=torch.long, device=audio_hidden_states.device
             )
-        return BeatsModelOutput(last_hidden_state=audio_hidden_states, attention_mask=audio_attention_mask)
+        return BeatsModelOutput(last_hidden_state=audio_hidden_states, audio_attention_mask=audio_attention_mask)
 
     def _query_pass(
         self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None, causal_text=True
@@ -1051,7 +1051,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
-        query_output = self._query_pass(beats.last_hidden_state, beats.attention_mask)
+        query_output = self._query_pass(beats.last_hidden_state, beats.audio_attention_mask)
         output = self._audio_output(query_output, beats)
         return output if return_dict else output.to_tuple()
 
@@ -1062,7 +1062,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             hidden_states=beats.hidden_states,
             attentions=beats.attentions,
             query_output=query_output,
-            audio_attention_mask=beats.attention_mask,
+            audio_attention_mask=beats.audio_attention_mask,
         )
 
     # --- text --------------------------------------------------------------------------------------------------------
@@ -1141,7 +1141,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         broadcasts them), the same logits as with the clip repeated.
         """
         beats = self._audio_inputs(input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask)
-        audio_hidden_states, audio_attention_mask = beats.last_hidden_state, beats.attention_mask
+        audio_hidden_states, audio_attention_mask = beats.last_hidden_state, beats.audio_attention_mask
         if audio_hidden_states.shape[0] not in (1, input_ids.shape[0]):
             raise ValueError(
                 f"Audio-text matching scores pairs (or one clip against several texts): got "
@@ -1200,7 +1200,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         if input_ids is None:
             raise ValueError("AudioQFormerModel.forward needs `input_ids` (texts) as well as audio.")
         beats = self._audio_inputs(input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask)
-        audio_hidden_states, audio_attention_mask = beats.last_hidden_state, beats.attention_mask
+        audio_hidden_states, audio_attention_mask = beats.last_hidden_state, beats.audio_attention_mask
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         text_output = self.get_text_features(input_ids, attention_mask, return_dict=True)

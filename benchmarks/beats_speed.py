@@ -71,8 +71,8 @@ def gflop_per_clip(config: BeatsConfig, num_frames: int, num_mel_bins: int = 128
     patch = config.input_patch_size
     tokens = (num_frames // patch) * (num_mel_bins // patch)
     width, ffn, heads = config.encoder_embed_dim, config.encoder_ffn_embed_dim, config.encoder_attention_heads
-    flops = tokens * patch * patch * config.embed_dim  # patch embedding
-    flops += tokens * config.embed_dim * width  # post_extract_proj
+    flops = tokens * patch * patch * config.patch_embed_dim  # patch embedding
+    flops += tokens * config.patch_embed_dim * width  # post_extract_proj
     flops += tokens * width * (width // config.conv_pos_groups) * config.conv_pos  # positional convolution
     per_layer = tokens * (4 * width * width + 2 * width * ffn)  # q, k, v, out, fc1, fc2
     per_layer += 2 * tokens * tokens * width  # q k^T and attention x v
@@ -182,7 +182,7 @@ def main():
         row["clips_per_second"] = {name: batch_size / median(values) for name, values in seconds.items()}
         results["batches"][str(batch_size)] = row
         if exact_outputs is None or batch_size > exact_outputs[0].shape[0]:
-            exact_outputs = (exact.last_hidden_state.cpu(), exact.attention_mask.cpu(), fast_tokens.cpu())
+            exact_outputs = (exact.last_hidden_state.cpu(), exact.audio_attention_mask.cpu(), fast_tokens.cpu())
         print(f"batch {batch_size}: " + ", ".join(f"{k} {v:.3f} clips/s" for k, v in row["clips_per_second"].items()))
 
     if not args.skip_qformer:

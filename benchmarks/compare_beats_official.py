@@ -70,8 +70,8 @@ def main():
     inputs = feature_extractor(test_waveforms([10.0, 6.0], seed=1), sampling_rate=16000, return_tensors="pt")
     with torch.inference_mode():
         outputs = ours(**inputs)
-    theirs = official_features(reference, inputs["input_features"], outputs.attention_mask == 0)
-    real = outputs.attention_mask.bool()
+    theirs = official_features(reference, inputs["input_features"], outputs.audio_attention_mask == 0)
+    real = outputs.audio_attention_mask.bool()
     results["padded_max_abs_diff_real_tokens"] = (outputs.last_hidden_state - theirs)[real].abs().max().item()
     results["padded_real_tokens"] = real.sum(-1).tolist()
 

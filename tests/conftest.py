@@ -30,7 +30,7 @@ def make_waveform(seconds: float, seed: int = 0, kind: str = "mix") -> np.ndarra
 
 
 TINY_BEATS = dict(
-    embed_dim=24,
+    patch_embed_dim=24,
     encoder_layers=2,
     encoder_embed_dim=32,
     encoder_ffn_embed_dim=64,

@@ -289,6 +289,17 @@ def test_beats_stays_frozen_in_eval(tiny_model, processor):
     assert tiny_model.audio_layernorm.weight.grad is not None and tiny_model.temperature.grad is not None
 
 
+def test_beats_patch_channels_accept_the_official_name(tmp_path):
+    # `embed_dim` means the shared space's width in AudioQFormerConfig; BEATs' patch channels are `patch_embed_dim`,
+    # and the official `cfg` / configs saved before the rename still load by the old name.
+    config = BeatsConfig(embed_dim=24)
+    assert config.patch_embed_dim == 24 and "embed_dim" not in config.to_dict()
+    legacy = BeatsConfig().to_dict() | {"embed_dim": 40}
+    legacy.pop("patch_embed_dim")
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    assert BeatsConfig.from_pretrained(tmp_path).patch_embed_dim == 40
+
+
 def test_config_defaults_are_the_paper_architecture():
     config = AudioQFormerConfig()
     assert config.audio_config.encoder_layers == 12 and config.audio_config.deep_norm
@@ -396,7 +407,7 @@ def test_from_components_with_mlm_head_and_official_beats(tmp_path):
     torch.testing.assert_close(model.lm_head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
     torch.testing.assert_close(model.lm_head.bias[:30522], bert.cls.predictions.bias)
     assert model.lm_head.bias[30522] == 0 and model.config.num_query_tokens == 8
-    assert model.config.audio_config.embed_dim == 24  # the official tiny checkpoint's own cfg
+    assert model.config.audio_config.patch_embed_dim == 24  # the official tiny checkpoint's cfg calls it embed_dim
     mapped, unused = bert_state_dict_to_qformer(bert.state_dict(), 2)
     assert "qformer.encoder.layer.1.output_query.dense.weight" in mapped and unused == ["bert.embeddings.token_type_embeddings.weight"]
     assert add_decoder_token(AutoTokenizer.from_pretrained(tmp_path / "bert")).bos_token_id == model.config.decoder_bos_token_id

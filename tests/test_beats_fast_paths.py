@@ -17,7 +17,7 @@ from processing_audio_qformer import KALDI_LOG_FLOOR, BeatsFeatureExtractor
 # Moderately sized: wide and deep enough for bfloat16 rounding to accumulate as in the 768-wide, 12-layer model, small
 # enough to run in a few seconds.
 MEDIUM_BEATS = dict(
-    embed_dim=128,
+    patch_embed_dim=128,
     encoder_layers=6,
     encoder_embed_dim=256,
     encoder_ffn_embed_dim=1024,
@@ -67,7 +67,7 @@ def test_mask_without_padding_changes_nothing(tiny_beats_config, padded_inputs):
         with_mask = model(features, mask)
         without = model(features)
     assert torch.equal(with_mask.last_hidden_state, without.last_hidden_state)
-    assert with_mask.attention_mask.all()
+    assert with_mask.audio_attention_mask.all()
 
 
 def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inputs):
@@ -88,8 +88,8 @@ def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inpu
     assert fast.patch_embedding.weight.dtype == fast.encoder.layers[0].final_layer_norm.weight.dtype == torch.float32
     assert not fast.training and not any(p.requires_grad for p in fast.parameters())
     assert quick.last_hidden_state.dtype == torch.float32
-    assert torch.equal(quick.attention_mask, before.attention_mask)
-    real = before.attention_mask.bool()
+    assert torch.equal(quick.audio_attention_mask, before.audio_attention_mask)
+    real = before.audio_attention_mask.bool()
     cosine = F.cosine_similarity(quick.last_hidden_state[real], before.last_hidden_state[real], dim=-1)
     print(f"fast copy token 1 - cosine: max {1 - cosine.min():.2e}, mean {1 - cosine.mean():.2e}")
     assert cosine.min() >= 0.999, cosine.min()

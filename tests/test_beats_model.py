@@ -44,8 +44,8 @@ def test_matches_official_implementation(reference, attn_implementation):
         assert all(w is None for w in outputs.attentions)
     torch.testing.assert_close(unmasked, reference["official_unmasked"], atol=1e-4, rtol=0)
     # With the exact token mask given to the official encoder, every real token agrees.
-    assert torch.equal(outputs.attention_mask, reference["token_attention_mask"])
-    real = outputs.attention_mask.bool()
+    assert torch.equal(outputs.audio_attention_mask, reference["token_attention_mask"])
+    real = outputs.audio_attention_mask.bool()
     assert real.sum(-1).tolist() == [144, 88]  # 3 s and 1.875 s: 18 and 11 time patches of 8 tokens
     torch.testing.assert_close(
         outputs.last_hidden_state[real], reference["official_masked"][real], atol=1e-4, rtol=0
@@ -87,7 +87,7 @@ def test_output_shapes_and_frames_to_tokens(tiny_beats_config):
         outputs = model(**extractor(clips, sampling_rate=16000, return_tensors="pt"), output_hidden_states=True)
     # 10 s: 998 frames -> 62 time patches -> 496 tokens; 0.1 s is padded to one patch -> 8 tokens.
     assert outputs.last_hidden_state.shape == (2, 496, 32)
-    assert outputs.attention_mask.sum(-1).tolist() == [496, 8]
+    assert outputs.audio_attention_mask.sum(-1).tolist() == [496, 8]
     assert len(outputs.hidden_states) == tiny_beats_config.encoder_layers + 1
     assert torch.isfinite(outputs.last_hidden_state).all()
 
@@ -100,7 +100,7 @@ def test_padded_clip_equals_clip_alone(tiny_beats_config):
     with torch.inference_mode():
         batch = model(**extractor([long_clip, short_clip], sampling_rate=16000, return_tensors="pt"))
         alone = model(**extractor(short_clip, sampling_rate=16000, return_tensors="pt"))
-    real = batch.attention_mask[1].bool()
+    real = batch.audio_attention_mask[1].bool()
     assert real.sum() == alone.last_hidden_state.shape[1] == 8 * ((1 + (36800 - 400) // 160) // 16)
     torch.testing.assert_close(batch.last_hidden_state[1, real], alone.last_hidden_state[0], atol=1e-5, rtol=0)
     # Without the mask the padding leaks into the real tokens: the mask is what makes them equal.
@@ -219,7 +219,7 @@ def test_conversion_script_round_trip(tmp_path, reference):
     model = BeatsModel.from_pretrained(output_dir).eval()
     with torch.inference_mode():
         outputs = model(reference["input_features"], reference["feature_attention_mask"])
-    real = outputs.attention_mask.bool()
+    real = outputs.audio_attention_mask.bool()
     torch.testing.assert_close(outputs.last_hidden_state[real], reference["official_masked"][real], atol=1e-4, rtol=0)
     assert BeatsFeatureExtractor.from_pretrained(output_dir).feature_size == 128
 
