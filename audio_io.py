@@ -1,5 +1,6 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
-"""Audio files in, 16 kHz mono float32 waveforms out: decoding (soundfile), resampling (soxr) and listing audio files.
+"""Audio files in, 16 kHz mono float32 waveforms out: decoding (soundfile), resampling (soxr), listing audio files, and
+the windows a long clip is embedded in.
 
 Nothing here imports `datasets`: searching a library reads one file with this module alone.
 """
@@ -19,8 +20,27 @@ SAMPLING_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au")
 
 
+# 64 BEATs time patches (512 tokens, 10.24 s): the report's training crop, so a window is what the model was trained on.
+WINDOW_SECONDS = 10.24
+HOP_SECONDS = 5.12
+
+
+def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
+    """First samples of the windows covering a clip: one window if it fits, else every `hop`, the last ending with it."""
+    if num_samples <= window:
+        return [0]
+    starts = list(range(0, num_samples - window + 1, hop))
+    if starts[-1] + window < num_samples:
+        starts.append(num_samples - window)
+    return starts
+
+
 class AudioLoadError(ValueError):
-    """A clip that cannot be used: missing, unreadable, empty or with non-finite samples."""
+    """A clip that cannot be used: missing, unreadable, empty or with non-finite samples. `str()` is "name: reason"."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
 
 
 def load_audio(
@@ -42,11 +62,11 @@ def load_audio(
 
     name = path if path else "<bytes>"
     if path and not os.path.isfile(path):
-        raise AudioLoadError(f"{name}: no such file")
+        raise AudioLoadError(name, "no such file")
     if path and not os.access(path, os.R_OK):
-        raise AudioLoadError(f"{name}: permission denied")
+        raise AudioLoadError(name, "permission denied")
     if (os.path.getsize(path) if path else len(data or b"")) == 0:
-        raise AudioLoadError(f"{name}: empty file (0 bytes)")
+        raise AudioLoadError(name, "empty file (0 bytes)")
     try:
         with soundfile.SoundFile(path if path else io.BytesIO(data)) as handle:
             rate = handle.samplerate
@@ -55,12 +75,14 @@ def load_audio(
             if "should be" in handle.extra_info:  # libsndfile's log: a chunk size that disagrees with the file
                 logger.warning(f"{name}: the header's sizes disagree with the file (truncated?); read what is there.")
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError depending on the cause
-        raise AudioLoadError(f"{name}: unreadable audio ({type(error).__name__}: {error})") from error
+        # LibsndfileError's own message repeats the file name; its `error_string` is the reason alone.
+        reason = getattr(error, "error_string", None) or f"{type(error).__name__}: {error}"
+        raise AudioLoadError(name, f"unreadable audio ({reason})") from error
     if waveform.size == 0:
-        raise AudioLoadError(f"{name}: no samples")
+        raise AudioLoadError(name, "no samples")
     waveform = waveform[:, 0] if waveform.shape[1] == 1 else waveform.mean(axis=1)  # no copy of a long mono clip
     if not np.isfinite(waveform).all():
-        raise AudioLoadError(f"{name}: NaN or infinite samples")
+        raise AudioLoadError(name, "NaN or infinite samples")
     if rate != sampling_rate:
         waveform = soxr.resample(waveform, rate, sampling_rate, quality="HQ").astype(np.float32)
     return waveform
@@ -72,4 +94,7 @@ def audio_files(directory: str) -> list[str]:
     return sorted(p for p in found if p.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(p))
 
 
-__all__ = ["AUDIO_EXTENSIONS", "AudioLoadError", "SAMPLING_RATE", "audio_files", "load_audio"]
+__all__ = [
+    "AUDIO_EXTENSIONS", "AudioLoadError", "HOP_SECONDS", "SAMPLING_RATE", "WINDOW_SECONDS", "audio_files", "load_audio",
+    "window_starts",
+]  # fmt: skip

@@ -15,7 +15,8 @@ libraries); optionally the matching head re-ranks the top k. Files longer than `
 A library folder holds `library.json` (the model it was built with and its identity hash, the window settings),
 `embeddings/` (one row of 32 x 256 float16 per window, memory-mapped) and, unless `keep_tokens=False`, `tokens/`
 (each window's BEATs tokens, so re-ranking needs no audio decoding), both in the crash-safe `FeatureCache` format,
-and `files.json` (the files of each indexed folder, replaced atomically at the end of an index run). The command
+and `files.json` (the files of each indexed folder, replaced atomically at the end of an index run). Sounds kept inside
+the library folder travel with it: copied or cloned elsewhere (a Space), it needs no embedding again. The command
 line over it is `audio_search.py` (`audio-qformer`).
 """
 
@@ -28,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from audio_io import AudioLoadError, audio_files, load_audio
+from audio_io import HOP_SECONDS, WINDOW_SECONDS, AudioLoadError, audio_files, load_audio, window_starts
 from feature_cache import FeatureCache, clip_key, weights_fingerprint
 from retrieval import rerank_with_matching_head, tokenize_texts
 from vector_search import exact_search
@@ -38,21 +39,6 @@ logger = logging.get_logger(__name__)
 
 LIBRARY_CONFIG = "library.json"
 LIBRARY_FILES = "files.json"
-# 64 BEATs time patches (512 tokens, 10.24 s): the report's training crop, so a window is what the model was trained on.
-WINDOW_SECONDS = 10.24
-HOP_SECONDS = 5.12
-
-
-def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
-    """First samples of the windows covering a clip: one window if it fits, else every `hop`, the last ending with it."""
-    if num_samples <= window:
-        return [0]
-    starts = list(range(0, num_samples - window + 1, hop))
-    if starts[-1] + window < num_samples:
-        starts.append(num_samples - window)
-    return starts
-
-
 def load_model(name_or_path: str, device: str | torch.device = "cpu"):
     """The model (eval mode) and processor saved at a path or Hub id."""
     from transformers import BertTokenizer
@@ -154,6 +140,28 @@ class AudioLibrary:
         model, processor = load_model(name, device)
         return cls(directory, model, processor, name)
 
+    # --- where files are --------------------------------------------------------------------------------------------
+
+    # Files under the library's own folder (e.g. `LIB/sounds/`) make a library that can be copied or cloned whole, as a
+    # Space does: they are recorded relative to it and keyed by their content, since a copy changes every path and
+    # modification time. Other files are keyed by absolute path, size and modification time (no reading).
+
+    def _inside(self, path: str) -> bool:
+        return os.path.commonpath([os.path.abspath(path), os.path.abspath(self.directory)]) == os.path.abspath(self.directory)
+
+    def _file_key(self, path: str) -> str:
+        if not self._inside(path):
+            return clip_key(path)
+        with open(path, "rb") as handle:
+            return clip_key(None, handle.read())
+
+    def _stored_path(self, path: str) -> str:
+        return os.path.relpath(path, self.directory) if self._inside(path) else os.path.abspath(path)
+
+    def path_of(self, key: str) -> str:
+        """The file of a stored key, absolute."""
+        return os.path.abspath(os.path.join(self.directory, self.embeddings.metadata(key)["path"]))
+
     # --- embedding ---------------------------------------------------------------------------------------------------
 
     def windows(self, waveform: np.ndarray) -> tuple[list[int], list[np.ndarray]]:
@@ -200,7 +208,7 @@ class AudioLibrary:
         if not os.path.isdir(root):
             raise NotADirectoryError(f"{root}: not a folder")
         paths = audio_files(root)
-        keys = {path: clip_key(path) for path in paths}
+        keys = {path: self._file_key(path) for path in paths}
         todo = [path for path in paths if keys[path] not in self.embeddings]
         failed, pending, pending_windows = [], [], 0
 
@@ -216,7 +224,7 @@ class AudioLibrary:
                 count = len(windows)
                 token_items += [(f"{keys[path]}#{i}", tokens[first + i], {}) for i in range(count)]
                 rows.append((keys[path], embeds[first : first + count],
-                             {"path": path, "seconds": duration, "starts": starts}))  # fmt: skip
+                             {"path": self._stored_path(path), "seconds": duration, "starts": starts}))  # fmt: skip
                 first += count
             if self.config["keep_tokens"]:
                 self.tokens.append(token_items)  # before the embeddings: a stored embedding always has its tokens
@@ -238,7 +246,9 @@ class AudioLibrary:
                 pending_windows = 0
         flush()
         progress.close()
-        self.files[root] = {path: keys[path] for path in paths if keys[path] in self.embeddings}
+        self.files[self._stored_path(root)] = {
+            self._stored_path(path): keys[path] for path in paths if keys[path] in self.embeddings
+        }
         self._live = None
         _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
         if failed:
@@ -249,6 +259,23 @@ class AudioLibrary:
             logger.warning(f"{len(failed)} file(s) could not be read and were skipped: {shown}{more}")
         return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - len(todo),
                 "failed": failed}  # fmt: skip
+
+    def stored_files(self) -> list[dict]:
+        """The files the library searches: `{"path", "seconds", "windows"}` each, by path."""
+        keys = {key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys())
+        files = [{"path": self.path_of(key), "seconds": self.embeddings.metadata(key)["seconds"],
+                  "windows": len(self.embeddings.metadata(key)["starts"])} for key in keys]  # fmt: skip
+        return sorted(files, key=lambda f: f["path"])
+
+    def failures(self) -> list[dict]:
+        """Files that could not be read (`{"audio", "reason"}`, the latest reason) and are not stored since."""
+        path = os.path.join(self.directory, "failures.jsonl")
+        if not os.path.exists(path):
+            return []
+        with open(path) as handle:
+            latest = {failure["audio"]: failure["reason"] for failure in map(json.loads, handle)}
+        stored = {f["path"] for f in self.stored_files()}
+        return [{"audio": audio, "reason": reason} for audio, reason in latest.items() if audio not in stored]
 
     # --- searching ---------------------------------------------------------------------------------------------------
 
@@ -325,7 +352,7 @@ class AudioLibrary:
                 if index < 0:
                     continue
                 key = owners[index]
-                if key in seen or self.embeddings.metadata(key)["path"] in exclude:
+                if key in seen or self.path_of(key) in exclude:
                     continue
                 seen.add(key)
                 hits.append((key, int(rows[index]), score))
@@ -338,7 +365,7 @@ class AudioLibrary:
         meta = self.embeddings.metadata(key)
         window = row - self.embeddings.location(key)[1]
         start = meta["starts"][window] / self.sampling_rate
-        return SearchHit(meta["path"], cosine if score is None else score, cosine, start, match_logit)
+        return SearchHit(self.path_of(key), cosine if score is None else score, cosine, start, match_logit)
 
     def _window_tokens(self, key_rows: list[tuple[str, int]]) -> list[np.ndarray]:
         """BEATs tokens of windows: stored ones, else computed again from the audio."""
@@ -348,8 +375,7 @@ class AudioLibrary:
             if f"{key}#{window}" in self.tokens:
                 tokens.append(self.tokens.get(f"{key}#{window}"))
             else:
-                meta = self.embeddings.metadata(key)
-                _, windows = self.windows(load_audio(meta["path"], sampling_rate=self.sampling_rate))
+                _, windows = self.windows(load_audio(self.path_of(key), sampling_rate=self.sampling_rate))
                 tokens.append(self.embed_waveforms([windows[window]])[1][0])
         return tokens
 
@@ -399,4 +425,4 @@ class AudioLibrary:
         return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
 
 
-__all__ = ["AudioLibrary", "HOP_SECONDS", "SearchHit", "WINDOW_SECONDS", "load_model", "window_starts"]
+__all__ = ["AudioLibrary", "SearchHit", "load_model"]

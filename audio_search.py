@@ -14,7 +14,8 @@ import os
 import sys
 from dataclasses import asdict
 
-from audio_library import HOP_SECONDS, LIBRARY_CONFIG, WINDOW_SECONDS, AudioLibrary, SearchHit, load_model
+from audio_io import HOP_SECONDS, WINDOW_SECONDS
+from audio_library import LIBRARY_CONFIG, AudioLibrary, SearchHit, load_model
 
 
 # --- command line --------------------------------------------------------------------------------------------------

@@ -150,7 +150,11 @@ Next steps
     accelerate launch train.py --preset stage2 --clotho_root clotho --clotho_train_splits development \\
         --init_from outputs/stage1 --output_dir outputs/stage2
     python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --clotho_split evaluation
-  Publish: add --push_to_hub --hub_model_id you/audio-qformer to the training command.""")
+  Publish: add --push_to_hub --hub_model_id you/audio-qformer (and --push_space you/audio-qformer-search) to the
+  training command.
+
+Open the app on this model and library (Search, Similar, Classify; pip install -e ".[app]" first if gradio is missing):
+    {os.path.relpath(python, ROOT) if python.startswith(ROOT) else python} app.py --model {model_dir} --library {library}""")
 
 
 if __name__ == "__main__":

@@ -823,6 +823,38 @@ class AudioQFormerOutput(ModelOutput):
         )
 
 
+
+def copy_endpoint_files(names, save_directory: str, loaded_from: str | None = None):
+    """
+    Copy `names` into `save_directory` from beside this module, else from the folder (or cached Hub repository) the
+    model was loaded from: remote code runs from a cache that holds only the model's own modules. A file found in
+    neither place is named in a warning.
+    """
+    import shutil
+
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = []
+    for name in names:
+        candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), name)]
+        if loaded_from and os.path.isdir(loaded_from):
+            candidates.append(os.path.join(loaded_from, name))
+        elif loaded_from:
+            cached = try_to_load_from_cache(loaded_from, name)
+            candidates += [cached] if isinstance(cached, str) else []
+        source = next((path for path in candidates if os.path.isfile(path)), None)
+        target = os.path.join(save_directory, name)
+        if source is None:
+            missing.append(name)
+        elif not os.path.exists(target) or not os.path.samefile(source, target):
+            shutil.copyfile(source, target)
+    if missing:
+        logger.warning(
+            f"Saved to {save_directory} without {', '.join(missing)} (not found beside the model's code or in "
+            f"{loaded_from or 'the folder it came from'}): the folder cannot serve as an Inference Endpoint."
+        )
+
+
 class AudioQFormerPreTrainedModel(PreTrainedModel):
     config: AudioQFormerConfig
     base_model_prefix = "audio_qformer"
@@ -918,6 +950,15 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         super().train(mode)
         self.audio_model.eval()
         return self
+
+    # The files beside this one that serve a saved folder as an Inference Endpoint (`handler.py`, the audio decoding it
+    # imports and its extra packages): `save_pretrained`, and so `push_to_hub`, copy them with the model.
+    endpoint_files = ("handler.py", "audio_io.py", "requirements.txt")
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            copy_endpoint_files(self.endpoint_files, save_directory, self.name_or_path)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.word_embeddings

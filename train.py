@@ -40,6 +40,7 @@ from audio_text_data import (
 )
 from configuration_audio_qformer import BeatsConfig
 from feature_cache import build_cache
+from hub_pages import push_space, write_model_card, write_space_folder
 from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 from ranking_metrics import chance_metrics
@@ -122,6 +123,9 @@ def parse_args(argv=None):
     run.add_argument("--resume_from_checkpoint", help="Continue from this training state directory.")
     run.add_argument("--push_to_hub", action="store_true", help="Upload the best model and a model card.")
     run.add_argument("--hub_model_id", help="Hub repository for --push_to_hub (default: the output folder's name).")
+    run.add_argument("--push_space", metavar="SPACE_ID",
+                     help="Also create or update a Gradio Space that serves the model (hub_pages.py; after --push_to_hub).")
+    run.add_argument("--space_sounds", metavar="DIR", help="Sounds to embed into the Space's library (--push_space).")
     run.add_argument("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     run.add_argument("--report_to", default="all", help="Trackers for --with_tracking (tensorboard, wandb, ...).")
     args = parser.parse_args(argv)
@@ -278,65 +282,11 @@ def evaluate_sets(model, processor, evaluation, cache, batch_size: int) -> dict:
     return results
 
 
-# --- the model card --------------------------------------------------------------------------------------------------
-
-
-def write_model_card(output_dir: str, args, results: dict, model_id: str):
-    """A model card with what the model was trained on, its metrics as `model-index`, and how to load it."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    eval_results = [
-        EvalResult(task_type="zero-shot-audio-classification", task_name="Text-to-audio retrieval",
-                   dataset_type=name, dataset_name=name, metric_type=metric, metric_name=metric,
-                   metric_value=round(100 * value, 2))  # fmt: skip
-        for name, metrics in results.items() for metric, value in metrics.items() if metric.startswith(("R@", "mAP@"))
-    ]
-    sources = [s for s, on in (("Clotho", args.clotho_root), ("AudioCaps", args.audiocaps_csv),
-                               (args.hub_dataset, args.hub_dataset), ("audiofolder data", args.train_dir)) if on]  # fmt: skip
-    data = ModelCardData(
-        library_name="transformers", pipeline_tag="zero-shot-audio-classification", license="apache-2.0",
-        tags=["audio", "text-to-audio-retrieval", "beats", "q-former", "custom_code"], model_name=model_id,
-        eval_results=eval_results or None,
-        widget=[{"src": "https://huggingface.co/datasets/Narsil/asr_dummy/resolve/main/1.flac",
-                 "candidate_labels": "a dog barking, speech, rain, a car engine"}],
-    )  # fmt: skip
-    table = "\n".join(
-        f"| {name} | {100 * m['mAP@10']:.2f} | {100 * m['R@1']:.2f} | {100 * m['R@5']:.2f} | {100 * m['R@10']:.2f} |"
-        for name, m in results.items()
-    )
-    content = f"""---
-{data.to_yaml()}
----
-
-# {model_id}
-
-Text-to-audio retrieval in the style of "Qformer based text audio retrieval" (DCASE 2023 task 6B): a frozen BEATs
-audio encoder and a BLIP-2 Q-Former trained with audio-text contrastive, matching and caption-generation losses.
-
-Trained with `train.py --preset {args.preset}` on {", ".join(sources)}: {args.max_train_steps} optimizer steps,
-learning rate {args.learning_rate}, {args.total_batch_size} pairs per step.
-
-| validation set | mAP@10 | R@1 | R@5 | R@10 |
-|---|---|---|---|---|
-{table}
-
-## How to use
-
-```python
-from transformers import AutoModel, AutoProcessor, pipeline
-
-model = AutoModel.from_pretrained("{model_id}", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("{model_id}", trust_remote_code=True)
-classifier = pipeline("zero-shot-audio-classification", model="{model_id}", trust_remote_code=True)
-classifier(waveform_16khz, candidate_labels=["a dog barking", "rain"])
-```
-
-The model's code is in this repository (`trust_remote_code=True` runs it): read it before you trust it.
-"""
-    ModelCard(content).save(os.path.join(output_dir, "README.md"))
-
-
 # --- the loop ------------------------------------------------------------------------------------------------------
+
+
+# What --push_to_hub leaves out of the output folder: checkpoints for resuming, the log, the Space's own folder.
+MODEL_UPLOAD_IGNORE = ["step_*", "step_*/**", "train_log.jsonl", "space/**"]
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
@@ -562,14 +512,22 @@ def main(argv=None):
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         model_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        write_model_card(args.output_dir, args, (best or {}).get("all", {}), model_id)
+        sources = [s for s, on in (("Clotho", args.clotho_root), ("AudioCaps", args.audiocaps_csv),
+                                   (args.hub_dataset, args.hub_dataset), ("audiofolder data", args.train_dir)) if on]  # fmt: skip
+        training = {"preset": args.preset, "sources": sources, "steps": completed_steps,
+                    "learning_rate": args.learning_rate, "total_batch_size": args.total_batch_size}  # fmt: skip
+        write_model_card(args.output_dir, model_id, (best or {}).get("all", {}), training, args.push_space)
         if args.push_to_hub:
             from huggingface_hub import HfApi
 
             repo_id = HfApi().create_repo(model_id, exist_ok=True).repo_id
             HfApi().upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="audio-qformer training",
-                                  ignore_patterns=["step_*", "step_*/**", "train_log.jsonl"])  # fmt: skip
+                                  ignore_patterns=MODEL_UPLOAD_IGNORE)  # fmt: skip
             accelerator.print(f"Pushed to https://huggingface.co/{repo_id}")
+        if args.push_space:
+            space_dir = os.path.join(args.output_dir, "space")
+            write_space_folder(space_dir, model_id, args.space_sounds, model=args.output_dir)
+            accelerator.print(f"Space pushed to {push_space(space_dir, args.push_space)}")
         accelerator.print(f"Done: {completed_steps} steps in {results['train_seconds']:.0f} s; best {results['best_step']}")
     return 0
 

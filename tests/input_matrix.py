@@ -657,7 +657,7 @@ def cli_index_entry(context: Context, path: str) -> Outcome:
 
 def _check_windows(case: AudioCase, outcome: Outcome, context: Context) -> list[str]:
     """One embedding row per 10.24 s window (5.12 s apart), each of the tiny model's 4 queries x 16."""
-    from audio_library import window_starts
+    from audio_io import window_starts
 
     rows = outcome.value
     if case.seconds is None:

@@ -28,6 +28,10 @@ def test_demo_end_to_end_small(tmp_path):
     # Each query lists three files with their captions, and the closing commands are there.
     assert out.count("    1. clip_") == 4 and out.count("    3. clip_") == 4
     assert "audio-qformer --library my-library search" in out and "--preset stage1" in out
+    # It ends with the one command that opens the app on the demo's model and library.
+    command = out.strip().splitlines()[-1].split()
+    assert command[1:] == ["app.py", "--model", str(work / "model"), "--library", str(work / "library")]
+    assert os.path.samefile(command[0] if os.path.isabs(command[0]) else os.path.join(ROOT, command[0]), sys.executable)
 
     # A rerun reuses the data, the cache and the finished training.
     again = subprocess.run([sys.executable, "demo.py", "--small", "--work_dir", str(work)], cwd=ROOT, env=env,

@@ -15,6 +15,8 @@ from configuration_audio_qformer import BeatsConfig
 
 
 HUB_FILES = ("configuration_audio_qformer.py", "modeling_audio_qformer.py", "processing_audio_qformer.py")
+# Saved beside them to serve a model folder as an Inference Endpoint (`AudioQFormerModel.endpoint_files`).
+ENDPOINT_FILES = ("handler.py", "audio_io.py")
 
 
 def project_modules() -> set[str]:
@@ -26,8 +28,9 @@ def test_shipped_files_use_public_torch_and_import_only_each_other():
     own = project_modules()
     # The model and the processor need only the configuration; it needs nothing of the project.
     allowed = {"configuration_audio_qformer.py": set(), "modeling_audio_qformer.py": {"configuration_audio_qformer"},
-               "processing_audio_qformer.py": {"configuration_audio_qformer"}}  # fmt: skip
-    for filename in HUB_FILES:
+               "processing_audio_qformer.py": {"configuration_audio_qformer"}, "handler.py": {"audio_io"},
+               "audio_io.py": set()}  # fmt: skip
+    for filename in HUB_FILES + ENDPOINT_FILES:
         source = open(os.path.join(ROOT, filename)).read()
         for private in ("torch.ops", "torch._C", "mkldnn"):
             assert private not in source, f"{filename} names {private}"

@@ -10,7 +10,8 @@ import soundfile
 import torch
 from conftest import make_waveform, tiny_qformer_config
 
-from audio_library import AudioLibrary, load_model, window_starts
+from audio_io import window_starts
+from audio_library import AudioLibrary, load_model
 from audio_search import main
 from modeling_audio_qformer import AudioQFormerModel, max_over_queries
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor

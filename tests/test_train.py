@@ -87,8 +87,21 @@ def test_two_processes_with_accumulation(tiny_setup, tmp_path, gradient_option):
     assert model.config.num_query_tokens == 4
     assert model.config.atc_gather_with_grad == bool(gradient_option)
     assert model.config.train_max_text_length == 16  # --max_text_length, recorded where the collate reads it
-    card = (output_dir / "README.md").read_text()
-    assert "pipeline_tag: zero-shot-audio-classification" in card and "model-index" in card
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import filter_repo_objects
+
+    from train import MODEL_UPLOAD_IGNORE
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.pipeline_tag == "feature-extraction" and "widget" not in card.data.to_dict()
+    assert card.data.eval_results[0].task_type == "text-to-audio-retrieval"
+    # What --push_to_hub uploads: the model, its code, the endpoint handler, the card; no checkpoints or logs.
+    uploaded = set(filter_repo_objects(
+        [str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file()], ignore_patterns=MODEL_UPLOAD_IGNORE
+    ))  # fmt: skip
+    assert {"README.md", "config.json", "model.safetensors", "modeling_audio_qformer.py", "handler.py", "audio_io.py",
+            "requirements.txt", "processor_config.json", "tokenizer.json"} <= uploaded  # fmt: skip
+    assert not any(name.startswith("step_") or name == "train_log.jsonl" for name in uploaded)
 
 
 def test_killed_run_resumes_with_the_same_losses(tiny_setup, tmp_path):
