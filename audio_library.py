@@ -105,7 +105,8 @@ class AudioLibrary:
                 raise ValueError(
                     f"The library {directory} was built with another model ({self.config.get('model')}, identity "
                     f"{self.config['model_identity']}); this model's identity is {identity}. Use that model, or "
-                    "index into a new --library."
+                    "index into a new --library (libraries made before 2026-12-01 computed identities from the "
+                    "model's path too: index those again)."
                 )
         elif create:
             if hop_seconds <= 0 or hop_seconds > window_seconds:

@@ -27,13 +27,28 @@ from audio_io import AudioLoadError, load_audio
 logger = logging.get_logger(__name__)
 
 
+# Config keys that say where a model came from or what wrote it, not what it computes: the same weights loaded from
+# another path, from a Hub id (as a Space loads them), built in memory or saved by another transformers keep their
+# identity.
+PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "architectures", "auto_map",
+                             "dtype", "torch_dtype"})  # fmt: skip
+
+
+def _without_provenance(value):
+    if isinstance(value, dict):
+        return {k: _without_provenance(v) for k, v in value.items() if k not in PROVENANCE_KEYS}
+    return value
+
+
 def weights_fingerprint(model, *settings: str) -> str:
     """
-    A hash of a model's config and weights, and of any further settings (hex, 16 characters): the identity under
-    which token caches and sound libraries store what a model computed, so that other weights never read them.
+    A hash of a model's config (less `PROVENANCE_KEYS`) and weights, and of any further settings (hex, 16 characters):
+    the identity under which token caches and sound libraries store what a model computed, so that other weights
+    never read them.
     """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(model.config.to_json_string(use_diff=False).encode())
+    config = _without_provenance(json.loads(model.config.to_json_string(use_diff=False)))
+    digest.update(json.dumps(config, sort_keys=True).encode())
     for setting in settings:
         digest.update(setting.encode())
     for name, tensor in sorted(model.state_dict().items()):

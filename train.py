@@ -110,6 +110,13 @@ def parse_args(argv=None):
     train.add_argument("--atc_gather_with_grad", action="store_true",
                        help="Contrastive candidates gathered from the batch carry gradient (open_clip's convention); "
                             "by default they do not, as in LAVIS (config.atc_gather_with_grad).")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute the Q-Former's layers in backward instead of keeping their activations "
+                            "(transformers' gradient checkpointing): same losses, less memory, a slower step; see "
+                            "benchmarks/training_memory.py.")
+    train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
+                       help="Autocast the forward pass (Accelerate's mixed precision; default: `accelerate launch`'s "
+                            "setting, else no). The Q-Former, BEATs and the word embeddings stay float32 weights.")
     train.add_argument("--max_temperature", type=float, default=0.5, help="Clamp of the learnt temperature (upper).")
     train.add_argument("--min_temperature", type=float, default=0.001, help="Clamp of the learnt temperature (lower).")
     train.add_argument("--seed", type=int, default=42, help="Random seed.")
@@ -312,6 +319,7 @@ def main(argv=None):
     tracking = dict(log_with=args.report_to, project_dir=args.output_dir) if args.with_tracking else {}
     accelerator = Accelerator(
         cpu=cpu,
+        mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **tracking,
@@ -335,6 +343,8 @@ def main(argv=None):
     if args.max_text_length is not None:
         model.config.train_max_text_length = args.max_text_length
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), tokenizer)
+    if args.gradient_checkpointing:  # non-reentrant: works with frozen inputs and keeps the dropout draws
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # Data, then BEATs tokens for every clip (computed once, shared between processes)
     with accelerator.main_process_first():

@@ -289,6 +289,37 @@ def test_beats_stays_frozen_in_eval(tiny_model, processor):
     assert tiny_model.audio_layernorm.weight.grad is not None and tiny_model.temperature.grad is not None
 
 
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(processor):
+    """`train.py --gradient_checkpointing` recomputes the Q-Former's layers in backward: nothing else may change."""
+    from conftest import TINY_QFORMER
+
+    torch.manual_seed(0)
+    config = AudioQFormerConfig(audio_config=TINY_BEATS, qformer_config={**TINY_QFORMER, "hidden_dropout_prob": 0.1},
+                                num_query_tokens=4, embed_dim=16)  # fmt: skip
+    model = AudioQFormerModel(config)
+    model.train()
+    batch = toy_batch(processor, num_clips=4)
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        saved = []
+        torch.manual_seed(1)  # the same dropout draws: checkpointing replays them in the recomputation
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            outputs = model(**batch, return_loss=True, generator=torch.Generator().manual_seed(2))
+        outputs.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((outputs, grads, sum(saved)))
+    (plain, plain_grads, plain_saved), (ckpt, ckpt_grads, ckpt_saved) = results
+    for name in ("loss", "loss_atc", "loss_atm", "loss_atg"):
+        torch.testing.assert_close(getattr(ckpt, name), getattr(plain, name), rtol=0, atol=0)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert ckpt_saved < 0.7 * plain_saved  # the layers' activations were not kept
+
+
 def test_beats_patch_channels_accept_the_official_name(tmp_path):
     # `embed_dim` means the shared space's width in AudioQFormerConfig; BEATs' patch channels are `patch_embed_dim`,
     # and the official `cfg` / configs saved before the rename still load by the old name.

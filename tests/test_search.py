@@ -156,7 +156,7 @@ def test_long_audio_is_windowed(saved_model, tmp_path):
     assert hit.start_seconds == pytest.approx([0, 5.12, 10.24, 14.76][per_window.argmax().item()])
 
 
-def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer):
+def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer, monkeypatch):
     library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
     library.index(str(sounds), show_progress=False)
     torch.manual_seed(1)
@@ -165,6 +165,11 @@ def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer)
         AudioLibrary(str(tmp_path / "lib"), other, library.processor)
     with pytest.raises(FileNotFoundError, match="No audio library"):
         AudioLibrary.load(str(tmp_path / "nowhere"))
+    # The same weights from elsewhere (a copy of the folder, a relative path, as a Space loads a Hub id) are accepted.
+    copy = shutil.copytree(saved_model, tmp_path / "copy-of-model")
+    monkeypatch.chdir(tmp_path)
+    reopened = AudioLibrary.load(str(tmp_path / "lib"), "copy-of-model")
+    assert len(reopened.search(["a beep"], k=2)[0]) == 2
 
 
 def test_fast_cpu_library_embeds_with_the_bfloat16_encoder(saved_model, sounds, tmp_path):

@@ -132,3 +132,36 @@ def test_killed_run_resumes_with_the_same_losses(tiny_setup, tmp_path):
     for step in expected:
         for name in ("loss", "loss_atc", "loss_atm", "loss_atg", "lr", "temperature"):
             assert resumed[step][name] == pytest.approx(expected[step][name], rel=1e-5, abs=1e-6), (step, name)
+
+
+def test_gradient_checkpointing_and_mixed_precision_options(tiny_setup, tmp_path):
+    """`--gradient_checkpointing` trains with the same losses; `--mixed_precision bf16` trains with finite ones."""
+    common = ["--per_device_train_batch_size", "4", "--max_train_steps", "2", "--eval_steps", "100",
+              "--checkpointing_steps", "100"]  # fmt: skip
+    logs = {}
+    for name, extra in (("plain", []), ("checkpointing", ["--gradient_checkpointing"]),
+                        ("bf16", ["--mixed_precision", "bf16"])):  # fmt: skip
+        result = run([sys.executable, *train_command(tiny_setup, tmp_path / name, *common, *extra)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs[name] = read_log(tmp_path / name)
+    for step in (1, 2):
+        for term in ("loss", "loss_atc", "loss_atm", "loss_atg"):
+            assert logs["checkpointing"][step][term] == pytest.approx(logs["plain"][step][term], rel=1e-5), (step, term)
+            assert torch.isfinite(torch.tensor(logs["bf16"][step][term]))
+    # autocast changes the numbers a little, not the scale
+    assert logs["bf16"][1]["loss"] == pytest.approx(logs["plain"][1]["loss"], rel=0.05)
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU check's steps run (CPU, tiny sizes), so the script is ready when a GPU is."""
+    output = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--dry_run", "--json",
+                             str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(output.read_text())["rows"]
+    checks = [row[0] for row in rows]
+    assert checks[:2] == ["BEATs float32", "BEATs bfloat16"] and "min token cosine" in rows[1][3]
+    assert sum(check.startswith("train step") for check in checks) == 3
+    assert all(row[3] == "losses finite" for row in rows if row[0].startswith("train step"))
+    assert [row[3] for row in rows if row[0].startswith("Clotho")] == ["ok", "ok"]
+    assert rows[-1][0] == "2-GPU accelerate launch" and rows[-1][3].startswith("skipped")
