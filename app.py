@@ -191,12 +191,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Search a sound library in the browser.")
     parser.add_argument("--model", default=defaults.get("model"), help="Saved model folder or Hub id (default: the "
                         "library's own, or app_defaults.json's).")  # fmt: skip
-    parser.add_argument("--library", default=defaults.get("library", "audio-library"), help="The library folder.")
+    parser.add_argument("--library", help="The library folder (default: app_defaults.json's, beside this file, else "
+                        "./audio-library).")  # fmt: skip
     parser.add_argument("--sounds", help="Index this folder first (default: the library's sounds/ folder, if any).")
     parser.add_argument("--host", help="Address to serve on (default 127.0.0.1, or GRADIO_SERVER_NAME).")
     parser.add_argument("--port", type=int, help="Port (default 7860, or GRADIO_SERVER_PORT).")
     args = parser.parse_args(argv)
-    library_dir = args.library if os.path.isabs(args.library) or not defaults else os.path.join(HERE, args.library)
+    library_dir = args.library or (os.path.join(HERE, defaults["library"]) if "library" in defaults else "audio-library")
     sounds = args.sounds or (os.path.join(library_dir, "sounds") if os.path.isdir(os.path.join(library_dir, "sounds")) else None)
     library = open_library(library_dir, args.model, sounds)
     blocks = build_app(SoundSearchApp(library))

@@ -112,7 +112,7 @@ def parse_args(argv=None):
                             "by default they do not, as in LAVIS (config.atc_gather_with_grad).")
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute the Q-Former's layers in backward instead of keeping their activations "
-                            "(transformers' gradient checkpointing): same losses, less memory, a slower step; see "
+                            "(transformers' activation_checkpointing_enable): same losses, less memory, a slower step; see "
                             "benchmarks/training_memory.py.")
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"],
                        help="Autocast the forward pass (Accelerate's mixed precision; default: `accelerate launch`'s "
@@ -344,7 +344,7 @@ def main(argv=None):
         model.config.train_max_text_length = args.max_text_length
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), tokenizer)
     if args.gradient_checkpointing:  # non-reentrant: works with frozen inputs and keeps the dropout draws
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # Data, then BEATs tokens for every clip (computed once, shared between processes)
     with accelerator.main_process_first():

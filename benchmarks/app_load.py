@@ -11,6 +11,7 @@ the demo's architecture and random weights is saved and used (latency does not d
 """
 
 import argparse
+import hashlib
 import os
 import socket
 import subprocess
@@ -89,7 +90,8 @@ def main():
     model = args.model or random_model(os.path.join(work, "model"))
     started = time.perf_counter()
     captions = make_sounds(os.path.join(work, f"sounds-{args.files}"), args.files)
-    library = os.path.join(work, f"library-{args.files}-{abs(hash(os.path.abspath(model))) % 10**8}")
+    model_tag = hashlib.blake2b(os.path.abspath(model).encode(), digest_size=4).hexdigest()  # one library per model
+    library = os.path.join(work, f"library-{args.files}-{model_tag}")
     port = free_port()
     log_path = os.path.join(work, "app.log")
     app = subprocess.Popen(

@@ -94,8 +94,10 @@ def training_steps(device: str, tiny: bool) -> list[list]:
             rows.append([setting, "", "", f"FAILED: {error}"])
             continue
         finite = all(value == value and abs(value) != float("inf") for value in result["losses"].values())
-        peak = result["device_peak"] if result["device_peak"] is not None else result["step_growth"]
-        memory = f"peak {peak / GIB:.2f} GiB" + ("" if result["device_peak"] is not None else " (CPU: growth)")
+        if result["device_peak"] is not None:
+            memory = f"peak {result['device_peak'] / GIB:.2f} GiB"
+        else:
+            memory = f"peak above state {result['activation_peak'] / GIB:.2f} GiB (CPU resident)"
         rows.append([setting, f"{result['seconds']:.2f} s", memory, "losses finite" if finite else "NON-FINITE losses"])
     return rows
 

@@ -13,9 +13,10 @@ precision x gradient checkpointing) runs in its own process and reports, in byte
 - gradients (trainable parameters, float32) and Adam's state (two float32 moments per trainable parameter);
 - activations kept for backward: every tensor autograd saves during the forward pass (`saved_tensors_hooks`, each
   storage counted once), which is what gradient checkpointing and autocast shrink;
-- the step's peak as the device sees it: on a GPU `torch.cuda.max_memory_allocated` over the step; on the CPU the
-  process's peak resident memory (`ru_maxrss`) grown over the step, an allocator-level figure that also holds
-  temporary buffers and the recomputation under checkpointing.
+- the step's peak above that state, as the device sees it: on a GPU `torch.cuda.max_memory_allocated` over a step
+  less what the step started with; on the CPU the process's resident high-water mark (`ru_maxrss`) grown over the
+  first steps, less the gradients and Adam's state they allocated. It holds the saved activations and what a step
+  also needs for a moment: temporaries, the backward's buffers, the layers recomputed under checkpointing.
 
 Also the step's time (one warm step) and the losses, which must be finite, and equal with and without checkpointing.
 """
@@ -69,7 +70,7 @@ def one_setting(config_name: str, batch_size: int, precision: str, checkpointing
     torch.manual_seed(0)
     model = AudioQFormerModel(AudioQFormerConfig(**CONFIGS[config_name])).to(device).train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=1e-4)
     hidden, vocab = model.config.audio_config.hidden_size, model.config.qformer_config.vocab_size
@@ -93,37 +94,57 @@ def one_setting(config_name: str, batch_size: int, precision: str, checkpointing
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated, as in training
         return outputs, saved[0]
 
-    step()  # warm-up: gradients and Adam's state exist from here on, as in every step after the first
+    # Warm-up (gradients and Adam's state exist from here on, as in every step after the first), counting what autograd
+    # saves: the same tensors as in any later step. On the CPU the resident high-water mark is taken before it, since
+    # memory freed after the first step is kept by the C allocator and the second step reuses it.
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    torch.manual_seed(1)
+    _, saved = step(count_saved=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        before = torch.cuda.memory_allocated()  # parameters, gradients, Adam's state, inputs
     started = time.perf_counter()
     torch.manual_seed(1)
     outputs, _ = step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() - before
-        device_total = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-        device_total = None
-    torch.manual_seed(1)
-    _, saved = step(count_saved=True)
     beats = sum(p.numel() * p.element_size() for p in model.audio_model.parameters())
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    adam = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim())
+    if device.startswith("cuda"):  # the allocator's peak over the step, above what the step started with
+        peak = torch.cuda.max_memory_allocated() - before
+        device_total = torch.cuda.max_memory_allocated()
+    else:  # resident growth over the two steps, less the gradients and Adam's state the first one allocated
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before - trainable_bytes - adam
+        device_total = None
     return {
         "batch_size": batch_size, "precision": precision, "checkpointing": checkpointing, "device": device,
         "parameters_trainable": trainable_bytes, "parameters_beats": beats, "gradients": trainable_bytes,
-        "optimizer_state": sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                               if torch.is_tensor(t) and t.dim()),
-        "activations_saved": saved, "step_growth": peak, "device_peak": device_total, "seconds": seconds,
+        "optimizer_state": adam, "activations_saved": saved, "activation_peak": peak, "device_peak": device_total, "seconds": seconds,
         "losses": {n: getattr(outputs, n).item() for n in ("loss", "loss_atc", "loss_atm", "loss_atg")},
     }  # fmt: skip
+
+
+def step_flops(config_name: str, batch_size: int, audio_tokens: int, text_tokens: int) -> dict:
+    """Floating-point operations of one training step (forward + backward, float32; `FlopCounterMode` counts the
+    matrix products and attention, the bulk of the work), for wall-time estimates on other devices."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from configuration_audio_qformer import AudioQFormerConfig
+    from modeling_audio_qformer import AudioQFormerModel
+
+    torch.manual_seed(0)
+    model = AudioQFormerModel(AudioQFormerConfig(**CONFIGS[config_name])).train()
+    hidden, vocab = model.config.audio_config.hidden_size, model.config.qformer_config.vocab_size
+    batch = {"audio_hidden_states": torch.randn(batch_size, audio_tokens, hidden),
+             "audio_attention_mask": torch.ones(batch_size, audio_tokens, dtype=torch.long),
+             "input_ids": torch.randint(min(1000, vocab // 2), vocab - 1, (batch_size, text_tokens)),
+             "attention_mask": torch.ones(batch_size, text_tokens, dtype=torch.long)}  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        model(**batch, return_loss=True, generator=torch.Generator().manual_seed(1)).loss.backward()
+    return {"batch_size": batch_size, "flops": counter.get_total_flops()}
 
 
 def run_settings(args) -> list[dict]:
@@ -154,12 +175,12 @@ def print_report(results: list[dict]):
         rows.append([
             r["batch_size"], r["precision"], "yes" if r["checkpointing"] else "no",
             f"{r['parameters_trainable'] / GIB:.2f}", f"{r['parameters_beats'] / GIB:.2f}", f"{r['gradients'] / GIB:.2f}",
-            f"{r['optimizer_state'] / GIB:.2f}", f"{r['activations_saved'] / GIB:.2f}", f"{r['step_growth'] / GIB:.2f}",
+            f"{r['optimizer_state'] / GIB:.2f}", f"{r['activations_saved'] / GIB:.2f}", f"{r['activation_peak'] / GIB:.2f}",
             f"{(fixed + r['activations_saved']) / GIB:.2f}", f"{(fixed + r['parameters_beats'] + r['activations_saved']) / GIB:.2f}",
             f"{r['seconds']:.1f}", f"{r['losses']['loss']:.4f}",
         ])  # fmt: skip
     print_table(["batch", "precision", "ckpt", "params GiB", "BEATs GiB", "grads GiB", "Adam GiB", "activations GiB",
-                 "step growth GiB", "total w/o BEATs", "total with BEATs", "step s", "loss"], rows)  # fmt: skip
+                 "peak above state GiB", "total w/o BEATs", "total with BEATs", "step s", "loss"], rows)  # fmt: skip
     by_key = {(r["batch_size"], r["precision"], r["checkpointing"]): r for r in results}
     for (batch_size, precision, checkpointing), r in by_key.items():
         other = by_key.get((batch_size, precision, True))
@@ -179,8 +200,13 @@ def main(argv=None):
     parser.add_argument("--text_tokens", type=int, default=32, help="Caption length (the paper's max length, 32).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="Write the settings' figures here.")
+    parser.add_argument("--flops", action="store_true", help="Only count one step's operations (batch: the largest).")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one setting, in this process
     args = parser.parse_args(argv)
+    if args.flops:
+        result = step_flops(args.config, max(args.batch_sizes), args.audio_tokens, args.text_tokens)
+        print(f"one training step, batch {result['batch_size']}: {result['flops'] / 1e12:.2f} TFLOP (forward + backward)")
+        return 0
     if args.one:
         batch_size, precision, checkpointing = json.loads(args.one)
         print(json.dumps(one_setting(args.config, batch_size, precision, checkpointing, args.audio_tokens,
