@@ -261,11 +261,14 @@ class AudioLibrary:
         return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - len(todo),
                 "failed": failed}  # fmt: skip
 
+    def live_keys(self) -> list[str]:
+        """The stored keys of the files currently indexed (deleted files' embeddings stay stored, unsearched), sorted."""
+        return sorted({key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys()))
+
     def stored_files(self) -> list[dict]:
         """The files the library searches: `{"path", "seconds", "windows"}` each, by path."""
-        keys = {key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys())
         files = [{"path": self.path_of(key), "seconds": self.embeddings.metadata(key)["seconds"],
-                  "windows": len(self.embeddings.metadata(key)["starts"])} for key in keys]  # fmt: skip
+                  "windows": len(self.embeddings.metadata(key)["starts"])} for key in self.live_keys()]  # fmt: skip
         return sorted(files, key=lambda f: f["path"])
 
     def failures(self) -> list[dict]:
@@ -290,7 +293,7 @@ class AudioLibrary:
         return self._live
 
     def _find_live_windows(self):
-        keys = sorted({key for files in self.files.values() for key in files.values()} & set(self.embeddings.keys()))
+        keys = self.live_keys()
         if not keys:
             raise ValueError(f"The library {self.directory} holds no files yet: run `audio-qformer index DIR` first.")
         rows, owners = [], []

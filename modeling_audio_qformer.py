@@ -427,8 +427,8 @@ class BeatsModel(BeatsPreTrainedModel):
         )
         self.layer_norm = nn.LayerNorm(config.patch_embed_dim, eps=config.layer_norm_eps)
         self.post_extract_proj = (
-            nn.Linear(config.embed_dim, config.encoder_embed_dim)
-            if config.embed_dim != config.encoder_embed_dim
+            nn.Linear(config.patch_embed_dim, config.encoder_embed_dim)
+            if config.patch_embed_dim != config.encoder_embed_dim
             else None
         )
         self.dropout_input = nn.Dropout(config.dropout_input)
