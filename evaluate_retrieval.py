@@ -4,6 +4,7 @@ re-ranking the top 16, on Clotho's evaluation split or any captioned audio folde
 
     python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --clotho_split evaluation
     python evaluate_retrieval.py --model outputs/demo-model --audiofolder data/synthetic/library --output_json table.json
+    python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --submission_csv submission.csv
 
 Every caption is a query with its clip as the one relevant item; the metrics are those of the DCASE baseline (mAP@10,
 R@1, R@5, R@10), computed by the `evaluate` module in `metrics/audio_retrieval`. Beside them, the DCASE 2025
@@ -57,6 +58,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_json", help="Write the table (and the run's settings) here.")
+    parser.add_argument("--submission_csv",
+                        help="Also write the DCASE language-based audio retrieval submission: one row per caption, "
+                             "`caption,fname_1,...,fname_10` (file names, best first).")
+    parser.add_argument("--submission_system", choices=["atc", "rerank"],
+                        help="The ranking the submission holds (default: the re-ranked one when --rerank_top_k > 0).")
     args = parser.parse_args(argv)
     if sum(bool(s) for s in (args.clotho_root, args.audiofolder, args.hub_dataset)) != 1:
         parser.error("give exactly one of --clotho_root, --audiofolder, --hub_dataset")
@@ -96,6 +102,20 @@ def read_relevance_groups(directory: str, column: str) -> dict[str, str]:
     return {os.path.join(directory, row["file_name"]): row[column] for row in table}
 
 
+SUBMISSION_DEPTH = 10  # DCASE task 6B: ten file names per caption
+
+
+def write_submission(path: str, captions: list[str], ranked_files: list[list[str]]):
+    """The DCASE retrieval submission CSV: a header `caption,fname_1..fname_10`, then each caption's best ten files."""
+    if any(len(files) < SUBMISSION_DEPTH for files in ranked_files):
+        raise ValueError(f"A DCASE submission lists {SUBMISSION_DEPTH} files per caption; this set has fewer clips.")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["caption"] + [f"fname_{i}" for i in range(1, SUBMISSION_DEPTH + 1)])
+        writer.writerows([caption, *files[:SUBMISSION_DEPTH]] for caption, files in zip(captions, ranked_files))
+
+
 def format_table(name: str, results: dict, chance: dict, clips: int, queries: int) -> str:
     """The Table 1 layout in percent: one row per system, chance level last; a column the systems add comes last."""
     columns = COLUMNS + tuple(c for c in next(iter(results.values())) if c not in COLUMNS)
@@ -118,6 +138,8 @@ def main(argv=None):
     model, processor = load_model(args.model, args.device)
     if args.rerank_top_k is None:
         args.rerank_top_k = model.config.rerank_top_k
+    if args.submission_system == "rerank" and not args.rerank_top_k:
+        raise ValueError("--submission_system rerank needs --rerank_top_k > 0.")
     name, rows, skipped = load_evaluation_set(args)
     rows = with_cache_keys(rows)
     clips = [{"key": r["key"], "audio_path": r["audio_path"], "audio_bytes": r["audio_bytes"]}
@@ -154,6 +176,14 @@ def main(argv=None):
     if args.clotho_root and args.clotho_split == "evaluation":
         print("The report's Table 1 on the same split: "
               + "; ".join(f"{s}: mAP@10 {m['mAP@10']}, R@1 {m['R@1']}" for s, m in PAPER_TABLE_1.items()))  # fmt: skip
+    if args.submission_csv:
+        rerank_system = f"ATC + re-rank top {args.rerank_top_k}"
+        system = "ATC" if args.submission_system == "atc" or rerank_system not in rankings else rerank_system
+        file_of = {audio_id: os.path.basename(path) if path else audio_id.rsplit("/", 1)[-1]
+                   for audio_id, path in zip(rows["audio_id"], rows["audio_path"])}  # fmt: skip
+        write_submission(args.submission_csv, list(rows["caption"]),
+                         [[file_of[clip] for clip in ranked] for ranked in rankings[system]])  # fmt: skip
+        print(f"DCASE submission ({system}): {args.submission_csv}")
     seconds = time.perf_counter() - started
     print(f"Done in {seconds:.1f} s.")
     if args.output_json:

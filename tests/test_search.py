@@ -234,7 +234,7 @@ def test_evaluation_script_table(saved_model, tmp_path):
     results = evaluate_main([
         "--model", saved_model, "--audiofolder", str(tmp_path / "data" / "library"), "--rerank_top_k", "3",
         "--feature_cache_dir", str(tmp_path / "cache"), "--output_json", str(output), "--device", "cpu",
-        "--relevance_column", "attributes",
+        "--relevance_column", "attributes", "--submission_csv", str(tmp_path / "submission.csv"),
     ])  # fmt: skip
     saved = json.loads(output.read_text())
     assert saved["clips"] == 12 and saved["queries"] == 24
@@ -262,6 +262,15 @@ def test_evaluation_script_table(saved_model, tmp_path):
         assert results["ATC"][name] == pytest.approx(value, abs=1e-6)
     full_list = retrieval_metrics(similarity, torch.arange(12).repeat_interleave(2), map_at=12)["mAP@12"]
     assert results["ATC"]["mAP@12 multi-relevant"] == pytest.approx(full_list, abs=1e-6)
+    # The DCASE submission: the header, one row per caption in the set's order, its ten best files (the re-ranked
+    # system by default, whose order differs from ATC only within the top 3 re-ranked).
+    submission = list(csv.reader(open(tmp_path / "submission.csv")))
+    assert submission[0] == ["caption"] + [f"fname_{i}" for i in range(1, 11)]
+    assert [row[0] for row in submission[1:]] == [r[c] for r in rows for c in ("caption_1", "caption_2")]
+    atc_order = similarity.argsort(dim=1, descending=True, stable=True)[:, :10].tolist()  # ties: lower index first
+    for row, order in zip(submission[1:], atc_order):
+        assert len(set(row[1:])) == 10 and row[4:] == [rows[i]["file_name"] for i in order[3:]]
+        assert sorted(row[1:4]) == sorted(rows[i]["file_name"] for i in order[:3])
 
 
 def test_relevant_clips_by_group_and_multi_relevant_map(tmp_path):
