@@ -199,18 +199,32 @@ class AudioLibrary:
         outputs = self._audio_encoder(inputs["input_features"], inputs.get("feature_attention_mask"))
         return outputs.last_hidden_state, outputs.audio_attention_mask
 
-    def index(self, root: str, batch_size: int = 8, show_progress: bool = True) -> dict:
+    def index(self, root: str, batch_size: int = 8, show_progress: bool = True, state=None) -> dict:
         """
         Embed every audio file under `root` not yet in the library (new or changed files), with a progress bar.
         Resumable: what a killed run stored is kept and not embedded again. Unreadable files are reported, not fatal,
         and tried again next time. Returns `{"files", "embedded", "reused", "failed": [{"audio", "reason"}]}`.
+
+        With an Accelerate `PartialState` of several processes (`accelerate launch`; every process calls this), each
+        process embeds its share of the new files (`split_between_processes`) into its own shard and reports its own
+        `embedded` and `failed`; then the main process moves the shards' embeddings into one (`FeatureCache.consolidate`,
+        so the library is the one a single process would build) and writes the file list.
         """
         root = os.path.abspath(root)
         if not os.path.isdir(root):
             raise NotADirectoryError(f"{root}: not a folder")
+        several = state is not None and state.num_processes > 1
+        if several:  # every process sees the same stored files before the new ones are shared out
+            state.wait_for_everyone()
+            self.embeddings.reload()
+            self.tokens.reload()
         paths = audio_files(root)
         keys = {path: self._file_key(path) for path in paths}
         todo = [path for path in paths if keys[path] not in self.embeddings]
+        new_files, shard = len(todo), 0
+        if several:
+            with state.split_between_processes(todo) as share:
+                todo, shard = list(share), state.process_index
         failed, pending, pending_windows = [], [], 0
 
         def flush():
@@ -228,8 +242,8 @@ class AudioLibrary:
                              {"path": self._stored_path(path), "seconds": duration, "starts": starts}))  # fmt: skip
                 first += count
             if self.config["keep_tokens"]:
-                self.tokens.append(token_items)  # before the embeddings: a stored embedding always has its tokens
-            self.embeddings.append(rows)
+                self.tokens.append(token_items, shard)  # before the embeddings: a stored embedding has its tokens
+            self.embeddings.append(rows, shard)
             pending.clear()
 
         progress = tqdm(todo, desc="Indexing", unit="file", disable=not show_progress)
@@ -247,18 +261,29 @@ class AudioLibrary:
                 pending_windows = 0
         flush()
         progress.close()
-        self.files[self._stored_path(root)] = {
-            self._stored_path(path): keys[path] for path in paths if keys[path] in self.embeddings
-        }
+        if several:
+            state.wait_for_everyone()
+        if not several or state.is_main_process:
+            if several:
+                self.embeddings.consolidate()
+            self.files[self._stored_path(root)] = {
+                self._stored_path(path): keys[path] for path in paths if keys[path] in self.embeddings
+            }
+            _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
+        if several:
+            state.wait_for_everyone()
+            self.embeddings.reload()
+            self.tokens.reload()
+            with open(os.path.join(self.directory, LIBRARY_FILES)) as handle:
+                self.files = json.load(handle)
         self._live = None
-        _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
         if failed:
             with open(os.path.join(self.directory, "failures.jsonl"), "a") as handle:
                 handle.writelines(json.dumps(f) + "\n" for f in failed)
             shown = "; ".join(f"{f['audio']} ({f['reason']})" for f in failed[:20])
             more = f" and {len(failed) - 20} more (see failures.jsonl)" if len(failed) > 20 else ""
             logger.warning(f"{len(failed)} file(s) could not be read and were skipped: {shown}{more}")
-        return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - len(todo),
+        return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - new_files,
                 "failed": failed}  # fmt: skip
 
     def live_keys(self) -> list[str]:

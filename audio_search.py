@@ -2,6 +2,7 @@
 """The `audio-qformer` command: index a folder of sounds into a library (`audio_library.AudioLibrary`), then search it.
 
     audio-qformer --library LIB index DIR --model MODEL [--fast_cpu]   # resumable; later runs embed new files only
+    accelerate launch [--multi_gpu] --num_processes N -m audio_search --library LIB index DIR --model MODEL
     audio-qformer --library LIB search "a dog barks" [-k 10] [--rerank 16] [--json]
     audio-qformer --library LIB similar FILE [-k 10] [--json]
 
@@ -13,6 +14,8 @@ import json
 import os
 import sys
 from dataclasses import asdict
+
+import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
 from audio_library import LIBRARY_CONFIG, AudioLibrary, SearchHit, load_model
@@ -38,7 +41,9 @@ def _print_hits(query: str, hits: list[SearchHit], as_json: bool):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="audio-qformer", description="Index a sound library and search it by text.")
     parser.add_argument("--library", default="audio-library", help="The library folder (default: ./audio-library).")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, ... or auto (default): under `accelerate launch` each process's own "
+                             "device, else CUDA when present, else the CPU.")
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="Embed every audio file under DIR (only new or changed files).")
     index.add_argument("directory", metavar="DIR")
@@ -66,26 +71,37 @@ def main(argv=None):
 
     try:
         if args.command == "index":
-            if os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
-                library = AudioLibrary.load(args.library, args.model, args.device)
-                if args.fast_cpu and not library.config.get("fast_cpu_encoder"):
-                    parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
-            else:
-                if not args.model:
-                    parser.error("a new library needs --model (a saved model folder or Hub id)")
-                model, processor = load_model(args.model, args.device)
-                library = AudioLibrary(args.library, model, processor, args.model, create=True,
-                                       keep_tokens=not args.no_tokens, window_seconds=args.window_seconds,
-                                       hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu)  # fmt: skip
-            report = library.index(args.directory, args.batch_size)
-            print(f"{args.library}: {report['files']} audio files under {args.directory}: {report['embedded']} embedded, "
-                  f"{report['reused']} already indexed, {len(report['failed'])} unreadable")  # fmt: skip
+            # One process, or each of those `accelerate launch` starts: they share the new files (AudioLibrary.index).
+            from accelerate import PartialState
+
+            # Without CUDA, processes that `accelerate launch --multi_gpu` started talk over gloo (cpu=True), as in train.py.
+            state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+            device = state.device if args.device == "auto" else args.device
+            if args.fast_cpu and os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
+                with open(os.path.join(args.library, LIBRARY_CONFIG)) as handle:
+                    if not json.load(handle).get("fast_cpu_encoder"):
+                        parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
+            if not args.model and not os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
+                parser.error("a new library needs --model (a saved model folder or Hub id)")
+            with state.main_process_first():  # the main process creates a new library; the others then open it
+                if os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
+                    library = AudioLibrary.load(args.library, args.model, device)
+                else:
+                    model, processor = load_model(args.model, device)
+                    library = AudioLibrary(args.library, model, processor, args.model, create=True,
+                                           keep_tokens=not args.no_tokens, window_seconds=args.window_seconds,
+                                           hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu)  # fmt: skip
+            report = library.index(args.directory, args.batch_size, show_progress=state.is_main_process, state=state)
+            who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
+            print(f"{args.library}: {who}{report['files']} audio files under {args.directory}: {report['embedded']} "
+                  f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable", flush=True)  # fmt: skip
             for failure in report["failed"]:
                 print(f"  skipped {failure['audio']}: {failure['reason']}")
-            if args.vector_index:
+            if args.vector_index and state.is_main_process:
                 print(f"Vector index: {len(library.vector_index(build=True))} windows")
         else:
-            library = AudioLibrary.load(args.library, device=args.device)
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            library = AudioLibrary.load(args.library, device=device)
             if args.command == "search":
                 rerank = library.model.config.rerank_top_k if args.rerank == -1 else args.rerank
                 found = library.search(args.text, args.k, rerank, approximate=args.approximate)

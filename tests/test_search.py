@@ -380,3 +380,62 @@ def test_vector_index_search_matches_exact_and_follows_additions(saved_model, so
     paths = {h.path for h in library.search(["a chirp"], k=10, approximate=True)[0]}
     assert str(folder / "g.wav") in paths and str(folder / "a.wav") not in paths and len(paths) == 6
     assert len(library.vector_index()) == 7
+
+
+def test_two_processes_index_as_one(saved_model, sounds, tmp_path):
+    """`accelerate launch --num_processes 2 -m audio_search ... index`: disjoint shares, one library like a single run."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sounds = copy_of(sounds, tmp_path)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "audio_search"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([*launch, "--library", str(tmp_path / "two"), "index", str(sounds), "--model", saved_model],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = [int(line.split("unreadable")[0].split(": ")[-1].split(" embedded")[0])
+              for line in result.stdout.splitlines() if " of 2: " in line]  # fmt: skip
+    assert len(counts) == 2 and sum(counts) == 6 and min(counts) >= 1, result.stdout  # each embedded its own share
+    one = AudioLibrary(str(tmp_path / "one"), *load_model(saved_model), saved_model, create=True)
+    one.index(str(sounds), show_progress=False)
+    two = AudioLibrary.load(str(tmp_path / "two"))
+    assert two.stored_files() == one.stored_files()
+    assert sorted(n for n in os.listdir(tmp_path / "two" / "embeddings") if n.startswith("shard-")) == [
+        "shard-0.bin", "shard-0.jsonl"]  # the processes' shards moved into one  # fmt: skip
+    assert len(two.embeddings) == 6  # none embedded twice
+    for key in one.live_keys():
+        np.testing.assert_allclose(two.embeddings.get(key).astype(np.float32), one.embeddings.get(key).astype(np.float32),
+                                   atol=2e-3)  # fmt: skip
+    for rerank in (0, 3):
+        got = [(h.path, round(h.score, 2)) for h in two.search(["a beep", "noise"], k=4, rerank=rerank)[0]]
+        assert got == [(h.path, round(h.score, 2)) for h in one.search(["a beep", "noise"], k=4, rerank=rerank)[0]]
+    # A second launch finds nothing new
+    again = subprocess.run([*launch, "--library", str(tmp_path / "two"), "index", str(sounds)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.count("0 embedded, 6 already indexed") == 2, again.stdout
+
+
+def test_consolidate_moves_shards_into_the_first_once(tmp_path):
+    from feature_cache import FeatureCache
+
+    cache = FeatureCache(str(tmp_path), "store", 4)
+    blocks = {f"k{i}": np.full((i + 1, 4), i, np.float16) for i in range(5)}
+    cache.append([("k0", blocks["k0"], {"n": 0})], shard=0)
+    cache.append([("k1", blocks["k1"], {"n": 1}), ("k2", blocks["k2"], {"n": 2})], shard=1)
+    cache.append([("k3", blocks["k3"], {"n": 3}), ("k4", blocks["k4"], {"n": 4})], shard=2)
+    # a consolidation killed after copying shard 1 but before deleting it: shard 0 already holds k1 and k2
+    shutil.copy(tmp_path / "store" / "shard-1.jsonl", tmp_path / "keep.jsonl")
+    shutil.copy(tmp_path / "store" / "shard-1.bin", tmp_path / "keep.bin")
+    cache.consolidate()
+    shutil.copy(tmp_path / "keep.jsonl", tmp_path / "store" / "shard-1.jsonl")
+    shutil.copy(tmp_path / "keep.bin", tmp_path / "store" / "shard-1.bin")
+    cache.consolidate()
+    reopened = FeatureCache(str(tmp_path), "store", 4)
+    assert sorted(os.listdir(tmp_path / "store")) == ["shard-0.bin", "shard-0.jsonl"]
+    assert reopened.shard_array(0).shape == (15, 4)  # 1 + 2 + 3 + 4 + 5 rows, none twice
+    for key, block in blocks.items():
+        assert reopened.location(key)[0] == 0 and np.array_equal(reopened.get(key), block)
+        assert reopened.metadata(key) == {"n": int(key[1])}
