@@ -22,6 +22,8 @@ line over it is `audio_search.py` (`audio-qformer`).
 
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +61,10 @@ def _write_json_atomically(path: str, value):
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(path + ".partial", path)
+
+
+class LibraryBusyError(RuntimeError):
+    """Another run is indexing the library."""
 
 
 @dataclass
@@ -214,6 +220,40 @@ class AudioLibrary:
         if not os.path.isdir(root):
             raise NotADirectoryError(f"{root}: not a folder")
         several = state is not None and state.num_processes > 1
+        lock = self._lock_for_indexing(state if several else None)
+        try:
+            return self._index(root, batch_size, show_progress, state, several)
+        finally:
+            if lock is not None:
+                lock.close()  # releases the lock
+
+    def _lock_for_indexing(self, state=None):
+        """
+        The library's `index.lock`, held by one run at a time (the main process of a launch holds it for all); a
+        second run stops with `LibraryBusyError` instead of interleaving its writes. Searching needs no lock: it
+        reads complete entries and the file list, which is replaced atomically.
+        """
+        import fcntl
+
+        handle, error = None, None
+        if state is None or state.is_main_process:
+            handle = open(os.path.join(self.directory, "index.lock"), "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                handle = None
+                error = (f"{self.directory} is being indexed by another run (it holds {self.directory}/index.lock): "
+                         "wait for that run to end, then index again (already stored files are kept).")  # fmt: skip
+        if state is not None:  # every process of the launch learns the outcome, so none waits for the others forever
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error:
+            raise LibraryBusyError(error)
+        return handle
+
+    def _index(self, root, batch_size, show_progress, state, several) -> dict:
         if several:  # every process sees the same stored files before the new ones are shared out
             state.wait_for_everyone()
             self.embeddings.reload()
@@ -246,12 +286,11 @@ class AudioLibrary:
             self.embeddings.append(rows, shard)
             pending.clear()
 
-        progress = tqdm(todo, desc="Indexing", unit="file", disable=not show_progress)
-        for path in progress:
-            try:
-                waveform = load_audio(path, sampling_rate=self.sampling_rate)
-            except AudioLoadError as error:
-                failed.append({"audio": path, "reason": str(error)})
+        progress = tqdm(total=len(todo), desc="Indexing", unit="file", disable=not show_progress)
+        for path, waveform in self._decoded(todo, ahead=batch_size):  # the next batch decodes while this one embeds
+            progress.update(1)
+            if isinstance(waveform, AudioLoadError):
+                failed.append({"audio": path, "reason": str(waveform)})
                 continue
             starts, windows = self.windows(waveform)
             pending.append((path, waveform.shape[0] / self.sampling_rate, starts, windows))
@@ -285,6 +324,29 @@ class AudioLibrary:
             logger.warning(f"{len(failed)} file(s) could not be read and were skipped: {shown}{more}")
         return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - new_files,
                 "failed": failed}  # fmt: skip
+
+    def _decoded(self, paths: list[str], ahead: int = 8):
+        """
+        `(path, waveform or AudioLoadError)` in order, decoded by a thread up to `ahead` files before the model needs
+        them: decoding (soundfile, soxr: C code that releases the GIL) overlaps embedding instead of pausing it.
+        """
+
+        def decode(path):
+            try:
+                return load_audio(path, sampling_rate=self.sampling_rate)
+            except AudioLoadError as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            queued = deque()
+            for path in paths:
+                queued.append((path, pool.submit(decode, path)))
+                if len(queued) > ahead:
+                    path, future = queued.popleft()
+                    yield path, future.result()
+            while queued:
+                path, future = queued.popleft()
+                yield path, future.result()
 
     def live_keys(self) -> list[str]:
         """The stored keys of the files currently indexed (deleted files' embeddings stay stored, unsearched), sorted."""
@@ -454,4 +516,4 @@ class AudioLibrary:
         return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
 
 
-__all__ = ["AudioLibrary", "SearchHit", "load_model"]
+__all__ = ["AudioLibrary", "LibraryBusyError", "SearchHit", "load_model"]

@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
-from audio_library import LIBRARY_CONFIG, AudioLibrary, SearchHit, load_model
+from audio_library import LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, SearchHit, load_model
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def main(argv=None):
                     _print_hits(query, hits, args.json)
             else:
                 _print_hits(args.file, library.similar(args.file, args.k), args.json)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as error:
+    except (FileNotFoundError, NotADirectoryError, ValueError, LibraryBusyError) as error:
         print(f"audio-qformer: error: {error}", file=sys.stderr)
         return 2
     return 0

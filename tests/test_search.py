@@ -439,3 +439,20 @@ def test_consolidate_moves_shards_into_the_first_once(tmp_path):
     for key, block in blocks.items():
         assert reopened.location(key)[0] == 0 and np.array_equal(reopened.get(key), block)
         assert reopened.metadata(key) == {"n": int(key[1])}
+
+
+def test_a_second_index_run_stops_while_one_holds_the_lock(saved_model, sounds, tmp_path, capsys):
+    import fcntl
+
+    from audio_library import LibraryBusyError
+
+    library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
+    with open(tmp_path / "lib" / "index.lock", "w") as other_run:
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `index` holds it
+        with pytest.raises(LibraryBusyError, match="being indexed by another run"):
+            library.index(str(sounds), show_progress=False)
+        assert main(["--library", str(tmp_path / "lib"), "index", str(sounds)]) == 2
+        assert "being indexed by another run" in capsys.readouterr().err
+        assert len(library.embeddings) == 0  # nothing written while the other run held it
+    assert library.index(str(sounds), show_progress=False)["embedded"] == 6  # free again: the lock is released
+    assert library.index(str(sounds), show_progress=False)["reused"] == 6
