@@ -303,7 +303,8 @@ class AudioLibrary:
         if several:
             state.wait_for_everyone()
         if not several or state.is_main_process:
-            if several:
+            # After several processes, or a rerun of a launch that was killed before it consolidated: one shard again.
+            if several or any(shard for shard, _, _ in map(self.embeddings.location, self.embeddings.keys())):
                 self.embeddings.consolidate()
             self.files[self._stored_path(root)] = {
                 self._stored_path(path): keys[path] for path in paths if keys[path] in self.embeddings
@@ -385,7 +386,12 @@ class AudioLibrary:
             raise ValueError(f"The library {self.directory} holds no files yet: run `audio-qformer index DIR` first.")
         rows, owners = [], []
         for key in keys:
-            _, offset, length = self.embeddings.location(key)
+            shard, offset, length = self.embeddings.location(key)
+            if shard:  # searching scans shard 0; only `index` moves the other shards into it
+                raise ValueError(
+                    f"The library {self.directory} holds parts of a multi-process index run that did not finish: run "
+                    "`audio-qformer index` on it again to complete it (nothing stored is embedded again)."
+                )
             rows.extend(range(offset, offset + length))
             owners += [key] * length
         array = self.embeddings.shard_array(0)

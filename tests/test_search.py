@@ -456,3 +456,43 @@ def test_a_second_index_run_stops_while_one_holds_the_lock(saved_model, sounds, 
         assert len(library.embeddings) == 0  # nothing written while the other run held it
     assert library.index(str(sounds), show_progress=False)["embedded"] == 6  # free again: the lock is released
     assert library.index(str(sounds), show_progress=False)["reused"] == 6
+
+
+def test_a_killed_multi_process_run_is_completed_by_the_next_run(saved_model, sounds, tmp_path, monkeypatch):
+    """Process 1 of 2 stores its share in its own shard and is killed before the main process consolidates: search
+    refuses the unfinished library with a clear message, and a plain rerun embeds the rest and consolidates."""
+    import contextlib
+
+    import accelerate.utils
+
+    class KilledProcessOne:  # process 1 of a 2-process launch, killed at its first wait after embedding
+        num_processes, process_index, is_main_process = 2, 1, False
+        waits = 0
+
+        def wait_for_everyone(self):
+            self.waits += 1
+            if self.waits == 2:
+                raise KeyboardInterrupt("killed")
+
+        @contextlib.contextmanager
+        def split_between_processes(self, items):
+            yield items[len(items) - len(items) // 2 :]
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
+    sounds = copy_of(sounds, tmp_path)
+    library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
+    with pytest.raises(KeyboardInterrupt):
+        library.index(str(sounds), show_progress=False, state=KilledProcessOne())
+    stored = {library.embeddings.location(k)[0] for k in library.embeddings.keys()}
+    assert len(library.embeddings) == 3 and stored == {1}
+    library.files = {str(sounds): {k: k for k in library.embeddings.keys()}}  # as if a file list named them
+    with pytest.raises(ValueError, match="did not finish: run `audio-qformer index` on it again"):
+        library.search(["a beep"], k=2)
+    library.files = {}
+    report = library.index(str(sounds), show_progress=False)
+    assert report["embedded"] == 3 and report["reused"] == 3
+    one = AudioLibrary(str(tmp_path / "one"), *load_model(saved_model), saved_model, create=True)
+    one.index(str(sounds), show_progress=False)
+    assert {library.embeddings.location(k)[0] for k in library.embeddings.keys()} == {0}
+    assert library.stored_files() == one.stored_files()
+    assert [h.path for h in library.search(["a beep"], k=6)[0]] == [h.path for h in one.search(["a beep"], k=6)[0]]
