@@ -69,8 +69,7 @@ class SoundSearchApp:
         tokens = library.processor.tokenizer([HYPOTHESIS_TEMPLATE.format(n) for n in names], padding=True,
                                              return_tensors="pt")  # fmt: skip
         text_embeds = model.get_text_features(**tokens).text_embeds.float()
-        # the pipeline's softmax over `logits_per_audio`, the clip's best window for each label
-        scores = (model.score(audio_embeds, text_embeds).amax(0) / model.temperature.float()).softmax(-1)
+        scores = model.zero_shot_logits(audio_embeds, text_embeds).softmax(-1)
         return dict(zip(names, scores.tolist()))
 
     def summary(self) -> tuple[str, list[list], list[list]]:

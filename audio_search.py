@@ -77,14 +77,15 @@ def main(argv=None):
             # Without CUDA, processes that `accelerate launch --multi_gpu` started talk over gloo (cpu=True), as in train.py.
             state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
             device = state.device if args.device == "auto" else args.device
-            if args.fast_cpu and os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
-                with open(os.path.join(args.library, LIBRARY_CONFIG)) as handle:
+            config_path = os.path.join(args.library, LIBRARY_CONFIG)
+            if args.fast_cpu and os.path.exists(config_path):
+                with open(config_path) as handle:
                     if not json.load(handle).get("fast_cpu_encoder"):
                         parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
-            if not args.model and not os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
+            if not args.model and not os.path.exists(config_path):
                 parser.error("a new library needs --model (a saved model folder or Hub id)")
             with state.main_process_first():  # the main process creates a new library; the others then open it
-                if os.path.exists(os.path.join(args.library, LIBRARY_CONFIG)):
+                if os.path.exists(config_path):
                     library = AudioLibrary.load(args.library, args.model, device)
                 else:
                     model, processor = load_model(args.model, device)

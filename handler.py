@@ -177,9 +177,7 @@ class EndpointHandler:
     def _classify(self, waveform, labels: list[str]) -> list[dict]:
         audio_embeds, _ = self._audio_embeds(waveform)
         text_embeds = self._text_embeds([HYPOTHESIS_TEMPLATE.format(label) for label in labels], as_pipeline=True)
-        # forward's logits_per_audio, the clip's best window for each label
-        logits = self.model.score(audio_embeds, text_embeds).amax(0) / self.model.temperature.float().cpu()
-        scores = logits.softmax(-1).tolist()
+        scores = self.model.zero_shot_logits(audio_embeds, text_embeds).softmax(-1).tolist()
         return sorted(({"label": label, "score": score} for label, score in zip(labels, scores)),
                       key=lambda result: -result["score"])  # fmt: skip
 

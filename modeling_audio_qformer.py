@@ -890,7 +890,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
     - `get_audio_features` turns clips (fbank, or cached BEATs tokens) into `(batch, 32, 256)` normalised embeddings;
     - `get_text_features` turns captions into `(batch, 256)` normalised embeddings;
     - `score(audio_embeds, text_embeds)` scores them (cosine of the best query; `logits_per_audio` of `forward` is
-      this over the temperature);
+      this over the temperature); `zero_shot_logits` scores labels for a clip embedded as windows;
     - `get_audio_text_matching_logits` scores (clip, caption) pairs with the matching head, for re-ranking;
     - `forward(..., return_loss=True)` computes the three training losses.
 
@@ -1160,6 +1160,15 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         `forward`'s `logits_per_audio` divide it by the learnt temperature.
         """
         return max_over_queries(audio_embeds, text_embeds)
+
+    def zero_shot_logits(self, window_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """
+        Zero-shot classification logits `(num_text,)` of one clip embedded as windows `(windows, queries, dim)`: each
+        label scores as the clip's best window, on `forward`'s `logits_per_audio` scale (the cosine over the
+        temperature). For a clip within one window, its softmax is the zero-shot audio classification pipeline's.
+        """
+        scores = self.score(window_embeds, text_embeds).amax(0)
+        return scores / self.temperature.to(scores.device, scores.dtype)
 
     # --- matching ----------------------------------------------------------------------------------------------------
 

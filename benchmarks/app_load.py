@@ -147,7 +147,7 @@ def main():
     seconds = np.array([t for t, ok in latencies if ok]) * 1000
     print_machine(machine_info())
     print(f"{args.clients} clients x {args.searches} searches (k={args.k}) against {args.files} files, model {model}")
-    print(f"| errors | p50 ms | p99 ms | max ms | searches/s |\n|---|---|---|---|---|")
+    print("| errors | p50 ms | p99 ms | max ms | searches/s |\n|---|---|---|---|---|")
     print(f"| {len(errors)} of {len(latencies)} | {np.percentile(seconds, 50):.0f} | {np.percentile(seconds, 99):.0f} | "
           f"{seconds.max():.0f} | {len(latencies) / wall:.1f} |")  # fmt: skip
     for error in errors[:5]:

@@ -166,7 +166,7 @@ def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer,
     with pytest.raises(FileNotFoundError, match="No audio library"):
         AudioLibrary.load(str(tmp_path / "nowhere"))
     # The same weights from elsewhere (a copy of the folder, a relative path, as a Space loads a Hub id) are accepted.
-    copy = shutil.copytree(saved_model, tmp_path / "copy-of-model")
+    shutil.copytree(saved_model, tmp_path / "copy-of-model")
     monkeypatch.chdir(tmp_path)
     reopened = AudioLibrary.load(str(tmp_path / "lib"), "copy-of-model")
     assert len(reopened.search(["a beep"], k=2)[0]) == 2
