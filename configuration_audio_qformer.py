@@ -9,7 +9,7 @@ vision and Q-Former configs.
 """
 
 from huggingface_hub.dataclasses import strict
-from transformers import Blip2QFormerConfig, PreTrainedConfig
+from transformers import Blip2QFormerConfig, GenerationConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
@@ -223,6 +223,8 @@ class AudioQFormerConfig(PreTrainedConfig):
             (cosine 0.9996 between captions; 1.0 in its first five layers), which stalls the contrastive loss.
         decoder_bos_token_id (`int`, *optional*, defaults to 30522):
             Id of `[DEC]`, which replaces `[CLS]` as the first token when the Q-Former generates a caption.
+        decoder_eos_token_id (`int`, *optional*, defaults to 102):
+            Id of `[SEP]`, which ends a caption: the last token the caption loss predicts, where generation stops.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the query tokens and new layers.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
@@ -265,6 +267,7 @@ class AudioQFormerConfig(PreTrainedConfig):
     rerank_top_k: int = 16
     text_pooling: str = "cls"
     decoder_bos_token_id: int = BERT_BASE_VOCAB_SIZE_WITH_DEC - 1
+    decoder_eos_token_id: int = 102
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
@@ -290,8 +293,23 @@ class AudioQFormerConfig(PreTrainedConfig):
         self.hidden_size = self.qformer_config.hidden_size
 
 
+# How captions are generated unless told otherwise: LAVIS `Blip2Qformer.generate`'s beam search (3 beams, at most 30
+# tokens counting `[DEC]`), with at least 8. LAVIS' other mode, nucleus sampling, is `do_sample=True, top_p=0.9`.
+CAPTION_GENERATION_DEFAULTS = {"num_beams": 3, "max_length": 30, "min_length": 8}
+
+
+def caption_generation_config(config: AudioQFormerConfig, **overrides) -> GenerationConfig:
+    """The [`GenerationConfig`] of captions: `[DEC]` starts them, `[SEP]` ends them, `[PAD]` fills finished beams."""
+    return GenerationConfig(
+        bos_token_id=config.decoder_bos_token_id,
+        eos_token_id=config.decoder_eos_token_id,
+        pad_token_id=config.qformer_config.pad_token_id,
+        **{**CAPTION_GENERATION_DEFAULTS, **overrides},
+    )
+
+
 AudioQFormerConfig.register_for_auto_class()
 BeatsConfig.register_for_auto_class()
 
 
-__all__ = ["AudioQFormerConfig", "BeatsConfig", "add_decoder_token"]
+__all__ = ["AudioQFormerConfig", "BeatsConfig", "add_decoder_token", "caption_generation_config"]

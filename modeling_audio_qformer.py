@@ -23,14 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Blip2QFormerConfig, Blip2QFormerModel, PreTrainedModel
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Cache, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward as qformer_eager_attention_forward
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import ModelOutput, logging
 
 
@@ -38,9 +39,11 @@ from transformers.utils import ModelOutput, logging
 # shadow them. Installed or run from the repository they are top-level modules. (transformers' remote-code import
 # check skips `try` blocks.)
 try:
-    from .configuration_audio_qformer import AudioQFormerConfig, BeatsConfig, add_decoder_token
+    from .configuration_audio_qformer import (
+        AudioQFormerConfig, BeatsConfig, add_decoder_token, caption_generation_config,
+    )  # fmt: skip
 except ImportError:
-    from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig, add_decoder_token
+    from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig, add_decoder_token, caption_generation_config
 
 
 logger = logging.get_logger(__name__)
@@ -883,16 +886,17 @@ class AudioQFormerPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-class AudioQFormerModel(AudioQFormerPreTrainedModel):
+class AudioQFormerModel(AudioQFormerPreTrainedModel, GenerationMixin):
     r"""
-    Text-to-audio retrieval with a frozen BEATs encoder and a BLIP-2 Q-Former.
+    Text-to-audio retrieval (and audio captioning) with a frozen BEATs encoder and a BLIP-2 Q-Former.
 
     - `get_audio_features` turns clips (fbank, or cached BEATs tokens) into `(batch, 32, 256)` normalised embeddings;
     - `get_text_features` turns captions into `(batch, 256)` normalised embeddings;
     - `score(audio_embeds, text_embeds)` scores them (cosine of the best query; `logits_per_audio` of `forward` is
       this over the temperature); `zero_shot_logits` scores labels for a clip embedded as windows;
     - `get_audio_text_matching_logits` scores (clip, caption) pairs with the matching head, for re-ranking;
-    - `forward(..., return_loss=True)` computes the three training losses.
+    - `forward(..., return_loss=True)` computes the three training losses;
+    - `generate` writes captions of clips with the caption head (`processor.batch_decode` turns them into text).
 
     Example:
 
@@ -944,6 +948,9 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         self.post_init()
         self.audio_model.requires_grad_(False)
         self.audio_model.eval()
+        # Replaces the one derived from the config (which knows no caption settings); a saved generation_config.json
+        # replaces this one when loading.
+        self.generation_config = caption_generation_config(config)
 
     def train(self, mode: bool = True):
         """Set the training mode of everything but BEATs, which stays frozen in eval mode (no LayerDrop, no dropout)."""
@@ -1009,13 +1016,14 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         return BeatsModelOutput(last_hidden_state=audio_hidden_states, audio_attention_mask=audio_attention_mask)
 
     def _query_pass(
-        self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None, causal_text=True
-    ):
+        self, audio_hidden_states, audio_attention_mask, input_ids=None, attention_mask=None, causal_text=True,
+        **kwargs,
+    ):  # fmt: skip
         """
         The Q-Former on the query tokens (reading the audio through cross-attention), optionally followed by a
         text. With `causal_text` (the ATG mask) the text attends to the queries and causally to itself and the queries
         never see it, so their outputs are the same with or without a text; otherwise (the matching mask) queries and
-        text see each other. Returns the full sequence output.
+        text see each other. Returns the Q-Former's output (`kwargs` such as `output_hidden_states` reach it).
         """
         # One clip may go with several texts (`get_audio_text_matching_logits`): its keys and values broadcast.
         batch_size = audio_hidden_states.shape[0] if input_ids is None else input_ids.shape[0]
@@ -1048,7 +1056,8 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 queries[: audio_hidden_states.shape[0]], audio_hidden_states, audio_attention_mask
             ),
             return_dict=True,
-        ).last_hidden_state
+            **kwargs,
+        )
 
     def _cross_attention_mask(self, queries, audio_hidden_states, audio_attention_mask):
         """
@@ -1092,7 +1101,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )  # fmt: skip
-        query_output = self._query_pass(beats.last_hidden_state, beats.audio_attention_mask)
+        query_output = self._query_pass(beats.last_hidden_state, beats.audio_attention_mask).last_hidden_state
         output = self._audio_output(query_output, beats)
         return output if return_dict else output.to_tuple()
 
@@ -1199,9 +1208,128 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             )
         sequence_output = self._query_pass(
             audio_hidden_states, audio_attention_mask, input_ids, attention_mask, causal_text=False
-        )
+        ).last_hidden_state
         query_output = sequence_output[:, : self.config.num_query_tokens, :]
         return self.itm_head(_to_dtype_of(self.itm_head, query_output)).mean(dim=1)
+
+    # --- captions ----------------------------------------------------------------------------------------------------
+
+    # A caption is decoded as the caption loss reads it (LAVIS `Blip2Qformer.generate`): `[DEC]` first, each token
+    # attending to the 32 query outputs and to the tokens before it, the queries never seeing the text. So the queries'
+    # keys and values in every layer depend on the clip alone: they are computed once per clip (the caption prefix), and
+    # each new token runs the Q-Former's text path alone (self-attention, then the text feed-forward; no
+    # cross-attention), its own keys and values appended to a `DynamicCache`.
+
+    @staticmethod
+    def _split_heads(attention: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states.view(*hidden_states.shape[:-1], -1, attention.attention_head_size).transpose(1, 2)
+
+    def get_caption_prefix(
+        self, audio_hidden_states: torch.Tensor, audio_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """
+        The query tokens' keys and values in each Q-Former layer's self-attention for clips given as BEATs tokens:
+        `(batch, layers, 2, heads, num_query_tokens, head_dim)`, what every caption token attends to besides the
+        caption itself.
+        """
+        if audio_attention_mask is None:
+            audio_attention_mask = torch.ones(
+                audio_hidden_states.shape[:2], dtype=torch.long, device=audio_hidden_states.device
+            )
+        layer_inputs = self._query_pass(audio_hidden_states, audio_attention_mask, output_hidden_states=True).hidden_states
+        keys_values = []
+        for layer, layer_input in zip(self.qformer.encoder.layer, layer_inputs):
+            attention = layer.attention.attention
+            keys_values.append(torch.stack([
+                self._split_heads(attention, attention.key(layer_input)),
+                self._split_heads(attention, attention.value(layer_input)),
+            ], dim=1))  # fmt: skip
+        return torch.stack(keys_values, dim=1)
+
+    def _caption_token_pass(self, token_ids: torch.LongTensor, caption_prefix: torch.Tensor, cache: Cache):
+        """The Q-Former's last hidden state `(batch, 1, hidden)` of one more caption token per row (`token_ids`)."""
+        position_ids = torch.full_like(token_ids, cache.get_seq_length())  # caption positions count from [DEC] = 0
+        hidden_states = self.qformer.layernorm(self.embeddings(input_ids=token_ids, position_ids=position_ids))
+        hidden_states = self.qformer.dropout(hidden_states)
+        for index, layer in enumerate(self.qformer.encoder.layer):
+            attention = layer.attention.attention
+            keys, values = cache.update(
+                self._split_heads(attention, attention.key(hidden_states)),
+                self._split_heads(attention, attention.value(hidden_states)),
+                index,
+            )
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+                attention.config._attn_implementation, qformer_eager_attention_forward
+            )
+            # One query token, which sees every key: no mask.
+            context, _ = attention_interface(
+                attention,
+                self._split_heads(attention, attention.query(hidden_states)),
+                torch.cat([caption_prefix[:, index, 0], keys], dim=2),
+                torch.cat([caption_prefix[:, index, 1], values], dim=2),
+                None,
+                dropout=0.0 if not self.training else attention.attention_dropout,
+                scaling=attention.scaling,
+            )
+            hidden_states = layer.attention.output(context.reshape(*hidden_states.shape[:-1], -1), hidden_states)
+            hidden_states = layer.feed_forward_chunk(hidden_states)
+        return hidden_states
+
+    def _caption_logits(
+        self, input_ids: torch.LongTensor, caption_prefix: torch.Tensor, cache: Cache | None = None
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits after each of `input_ids`, which continue the captions held in `cache` (a new one if none)."""
+        if cache is None:
+            cache = DynamicCache(config=self.config.get_text_config(decoder=True))
+        # Token by token: a step of generation is one token; a longer input (a prompt, or `use_cache=False`) is rare and
+        # short, and this way needs no mask.
+        hidden_states = torch.cat(
+            [self._caption_token_pass(input_ids[:, [t]], caption_prefix, cache) for t in range(input_ids.shape[1])],
+            dim=1,
+        )
+        return CausalLMOutputWithPast(logits=self.lm_head(hidden_states), cache=cache)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        audio_hidden_states: torch.Tensor | None = None,
+        audio_attention_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        generation_config=None,
+        **kwargs,
+    ):
+        r"""
+        Caption clips, given as fbank (`input_features`, `feature_attention_mask`) or BEATs tokens
+        (`audio_hidden_states`, `audio_attention_mask`): transformers' `GenerationMixin.generate` on the caption head,
+        with the queries' keys and values computed once per clip. Returns token ids starting with `[DEC]` (or what
+        `generate` returns with `return_dict_in_generate=True`); `processor.batch_decode(ids, skip_special_tokens=True)`
+        gives the texts.
+
+        Defaults (`model.generation_config`): LAVIS' beam search, 3 beams, at most 30 tokens, at least 8. Any
+        `generate` option applies: `num_beams=1` is greedy, `do_sample=True, top_p=0.9` LAVIS' nucleus sampling.
+        `input_ids` may start the captions (same length in every row, `[DEC]` first).
+
+        Example:
+
+        ```python
+        >>> inputs = processor(audio=waveforms, sampling_rate=16000, return_tensors="pt")
+        >>> processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+        ['a dog barks while cars pass by', ...]
+        ```"""
+        beats = self._audio_inputs(input_features, feature_attention_mask, audio_hidden_states, audio_attention_mask)
+        caption_prefix = self.get_caption_prefix(beats.last_hidden_state, beats.audio_attention_mask)
+        if input_ids is None:
+            input_ids = torch.full(
+                (caption_prefix.shape[0], 1), self.config.decoder_bos_token_id, device=caption_prefix.device
+            )
+        if generation_config is None and getattr(self.generation_config, "_from_model_config", False):
+            # A folder saved before captioning has no generation_config.json: its config says nothing of captions.
+            generation_config = caption_generation_config(self.config)
+        return super().generate(
+            input_ids=input_ids, generation_config=generation_config, caption_prefix=caption_prefix, **kwargs
+        )
 
     # --- everything at once ------------------------------------------------------------------------------------------
 
@@ -1219,9 +1347,11 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
         use_audio_text_matching_head: bool = False,
         batch_gatherer: Callable[[torch.Tensor], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        caption_prefix: torch.Tensor | None = None,
+        cache: Cache | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> AudioQFormerOutput | tuple:
+    ) -> AudioQFormerOutput | CausalLMOutputWithPast | tuple:
         r"""
         Args:
             input_ids, attention_mask (`torch.LongTensor` of shape `(text_batch_size, length)`):
@@ -1245,7 +1375,13 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
                 Defaults to this process's batch only. `audio_ids` are required with a gatherer.
             generator (`torch.Generator`, *optional*):
                 Random generator for the hard-negative draw (reproducible training).
+            caption_prefix (`torch.Tensor`, *optional*), cache ([`Cache`], *optional*):
+                A step of caption generation (`generate` passes them): the clips' [`get_caption_prefix`] and the
+                captions' keys and values so far; `input_ids` are the next tokens. Returns a [`CausalLMOutputWithPast`]
+                (next-token `logits`, `cache`) and ignores every other argument.
         """
+        if caption_prefix is not None:
+            return self._caption_logits(input_ids, caption_prefix, cache)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if input_ids is None:
             raise ValueError("AudioQFormerModel.forward needs `input_ids` (texts) as well as audio.")
@@ -1264,7 +1400,9 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel):
             decoder_input_ids = input_ids.clone()
             decoder_input_ids[:, 0] = self.config.decoder_bos_token_id
         # With a caption, one pass gives both the audio queries (which never see the text) and the caption logits.
-        sequence_output = self._query_pass(audio_hidden_states, audio_attention_mask, decoder_input_ids, attention_mask)
+        sequence_output = self._query_pass(
+            audio_hidden_states, audio_attention_mask, decoder_input_ids, attention_mask
+        ).last_hidden_state
         num_queries = self.config.num_query_tokens
         audio_output = self._audio_output(sequence_output[:, :num_queries, :], beats)
         audio_embeds = audio_output.audio_embeds

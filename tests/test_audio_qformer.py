@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import shutil
 import sys
 import textwrap
 
@@ -244,9 +245,9 @@ def test_caption_mask_queries_never_see_text_and_text_is_causal(tiny_model, proc
     changed = ids.clone()
     changed[:, 5] = 2000  # change one caption token
     with torch.no_grad():
-        a = tiny_model._query_pass(hidden, mask, ids, batch["attention_mask"])
-        b = tiny_model._query_pass(hidden, mask, changed, batch["attention_mask"])
-        alone = tiny_model._query_pass(hidden, mask)
+        a = tiny_model._query_pass(hidden, mask, ids, batch["attention_mask"]).last_hidden_state
+        b = tiny_model._query_pass(hidden, mask, changed, batch["attention_mask"]).last_hidden_state
+        alone = tiny_model._query_pass(hidden, mask).last_hidden_state
     queries = tiny_model.config.num_query_tokens
     torch.testing.assert_close(a[:, :queries], alone, rtol=0, atol=1e-6)  # queries never see the caption
     torch.testing.assert_close(a[:, :queries], b[:, :queries], rtol=0, atol=0)
@@ -480,8 +481,10 @@ def test_fresh_process_auto_classes_give_equal_outputs(saved_model, tmp_path):
     inputs = processor(text=["a dog barks", "rain on a roof"], audio=clips, sampling_rate=16000, return_tensors="pt")
     with torch.no_grad():
         outputs = model(**inputs, use_audio_text_matching_head=True)
+        captions = model.generate(input_features=inputs["input_features"],
+                                  feature_attention_mask=inputs["feature_attention_mask"])  # fmt: skip
     save_file(
-        {"logits": outputs.logits_per_audio.contiguous(), "itm": outputs.itm_logits.contiguous(),
+        {"logits": outputs.logits_per_audio.contiguous(), "itm": outputs.itm_logits.contiguous(), "captions": captions.contiguous(),
          "input_features": inputs["input_features"].contiguous(), "clip0": torch.from_numpy(clips[0]),
          "clip1": torch.from_numpy(clips[1])}, tmp_path / "expected.safetensors",
     )  # fmt: skip
@@ -506,6 +509,12 @@ def test_fresh_process_auto_classes_give_equal_outputs(saved_model, tmp_path):
             outputs = model(**inputs, use_audio_text_matching_head=True)
         torch.testing.assert_close(outputs.logits_per_audio, expected["logits"], rtol=0, atol=1e-5)
         torch.testing.assert_close(outputs.itm_logits, expected["itm"], rtol=0, atol=1e-5)
+        assert model.generation_config.num_beams == 3, model.generation_config  # from generation_config.json
+        with torch.no_grad():
+            captions = model.generate(input_features=inputs["input_features"],
+                                      feature_attention_mask=inputs["feature_attention_mask"])
+        assert torch.equal(captions, expected["captions"]), (captions, expected["captions"])
+        assert all(isinstance(text, str) for text in processor.batch_decode(captions, skip_special_tokens=True))
         print("OK")
         """
     )
@@ -514,6 +523,20 @@ def test_fresh_process_auto_classes_give_equal_outputs(saved_model, tmp_path):
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
     )  # fmt: skip
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_folder_saved_before_captioning_generates_with_the_caption_defaults(saved_model, tmp_path):
+    # No generation_config.json (saved before `generate` existed): transformers derives one from config.json, which
+    # knows nothing of captions; `generate` then takes the caption defaults.
+    model, processor, directory = saved_model
+    assert json.loads((directory / "generation_config.json").read_text())["num_beams"] == 3
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    (old / "generation_config.json").unlink()
+    reloaded = AudioQFormerModel.from_pretrained(old).eval()
+    states = torch.randn(2, 20, TINY_BEATS["encoder_embed_dim"])
+    with torch.no_grad():
+        assert torch.equal(reloaded.generate(audio_hidden_states=states), model.generate(audio_hidden_states=states))
 
 
 def test_zero_shot_audio_classification_pipeline(saved_model):
