@@ -5,6 +5,7 @@ re-ranking the top 16, on Clotho's evaluation split or any captioned audio folde
     python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --clotho_split evaluation
     python evaluate_retrieval.py --model outputs/demo-model --audiofolder data/synthetic/library --output_json table.json
     python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --submission_csv submission.csv
+    python evaluate_retrieval.py --model outputs/demo-model --audiofolder data/synthetic/library --captions
 
 Every caption is a query with its clip as the one relevant item; the metrics are those of the DCASE baseline (mAP@10,
 R@1, R@5, R@10), computed by the `evaluate` module in `metrics/audio_retrieval`. Beside them, the DCASE 2025
@@ -12,6 +13,10 @@ multi-relevant mAP@16 counts every clip a caption fits: with `--relevance_column
 column whose equal values mark clips that fit each other's captions, e.g. the synthetic set's `attributes`), else the
 caption's own clip only. BEATs tokens go through the same feature cache as training, so a second evaluation of the
 same clips skips BEATs.
+
+With `--captions` the same model also captions every clip (its caption head, beam search as LAVIS): BLEU-4 against the
+clips' reference captions, and on a set whose metadata.csv has the synthetic `attributes` column, the share of captions
+that name each attribute right against the chance of captions given to random clips of the set.
 """
 
 import argparse
@@ -24,6 +29,7 @@ import torch
 
 from audio_library import load_model
 from audio_text_data import load_audiofolder, load_clotho, load_hub_dataset, with_cache_keys
+from captioning import attribute_accuracy, bleu4, caption_token_arrays, shuffled_chance
 from feature_cache import build_cache
 from ranking_metrics import chance_metrics
 from retrieval import evaluate_text_to_audio
@@ -63,6 +69,8 @@ def parse_args(argv=None):
                              "`caption,fname_1,...,fname_10` (file names, best first).")
     parser.add_argument("--submission_system", choices=["atc", "rerank"],
                         help="The ranking the submission holds (default: the re-ranked one when --rerank_top_k > 0).")
+    parser.add_argument("--captions", action="store_true",
+                        help="Also caption every clip: BLEU-4, and the attributes named right on the synthetic set.")
     args = parser.parse_args(argv)
     if sum(bool(s) for s in (args.clotho_root, args.audiofolder, args.hub_dataset)) != 1:
         parser.error("give exactly one of --clotho_root, --audiofolder, --hub_dataset")
@@ -92,14 +100,54 @@ def relevant_clips(rows, groups: dict[str, str] | None = None) -> list[list[str]
     return [members[groups[path]] for path in rows["audio_path"]]
 
 
-def read_relevance_groups(directory: str, column: str) -> dict[str, str]:
-    """Audio path -> the value of `column` in the folder's metadata.csv."""
+def read_metadata_column(directory: str, column: str, option: str = "--relevance_column") -> dict[str, str]:
+    """Audio path -> the value of `column` in the folder's metadata.csv (`option` is what asked for it, for the error)."""
     csv_path = os.path.join(directory, "metadata.csv")
     with open(csv_path, newline="") as handle:
         table = list(csv.DictReader(handle))
     if not table or column not in table[0]:
-        raise ValueError(f"{csv_path}: no column {column!r} for --relevance_column; found {list(table[0]) if table else []}.")
+        raise ValueError(f"{csv_path}: no column {column!r} for {option}; found {list(table[0]) if table else []}.")
     return {os.path.join(directory, row["file_name"]): row[column] for row in table}
+
+
+SYNTHETIC_ATTRIBUTES_COLUMN = "attributes"  # `synthetic_sounds.py` writes each clip's attributes there, as JSON
+
+
+def evaluate_captions(model, processor, rows, clip_tokens, attributes_of: dict[str, str] | None, batch_size: int):
+    """
+    Caption each clip of the evaluation rows once (from its cached BEATs tokens, `clip_tokens(audio_id)`) and score
+    the captions: BLEU-4 against the clip's captions in the rows, and with `attributes_of` (audio path -> JSON
+    attributes) the attributes named right against chance. Returns the numbers and every clip's caption.
+    """
+    references: dict[str, list[str]] = {}
+    for audio_id, caption in zip(rows["audio_id"], rows["caption"]):
+        references.setdefault(audio_id, []).append(caption)
+    clips = list(references)
+    started = time.perf_counter()
+    predicted = caption_token_arrays(model, processor, [clip_tokens(clip) for clip in clips], batch_size)
+    seconds = time.perf_counter() - started
+    report = {"clips": len(clips), "BLEU-4": bleu4(predicted, [references[clip] for clip in clips]),
+              "clips_per_second": len(clips) / seconds, "generation": model.generation_config.to_diff_dict(),
+              "captions": [{"audio_id": clip, "caption": text, "references": references[clip]}
+                           for clip, text in zip(clips, predicted)]}  # fmt: skip
+    if attributes_of is not None:
+        path_of = dict(zip(rows["audio_id"], rows["audio_path"]))
+        truth = [json.loads(attributes_of[path_of[clip]]) for clip in clips]
+        report["attributes_named_right"] = attribute_accuracy(predicted, truth)
+        report["attributes_chance"] = shuffled_chance(truth)
+    return report
+
+
+def format_caption_report(name: str, report: dict, examples: int = 5) -> str:
+    lines = [f"Captioning on {name}: {report['clips']} clips, {report['clips_per_second']:.1f} clips/s from cached "
+             f"BEATs tokens ({report['generation']}); BLEU-4 {100 * report['BLEU-4']:.2f}"]  # fmt: skip
+    if "attributes_named_right" in report:
+        lines += ["| attribute | named right | chance (captions of random clips) |", "|---|---:|---:|"]
+        for attribute, share in report["attributes_named_right"].items():
+            lines.append(f"| {attribute} | {100 * share:.1f} | {100 * report['attributes_chance'][attribute]:.1f} |")
+    for clip in report["captions"][:examples]:
+        lines.append(f"  {os.path.basename(clip['audio_id'])}: {clip['caption']!r}\n    reference: {clip['references'][0]!r}")
+    return "\n".join(lines)
 
 
 SUBMISSION_DEPTH = 10  # DCASE task 6B: ten file names per caption
@@ -159,7 +207,7 @@ def main(argv=None):
                for system, ranked in rankings.items()}  # fmt: skip
     results = {system: {c: float(m[c]) for c in COLUMNS} for system, m in results.items()}
     # The DCASE 2025 measure, counting every clip a caption fits (cut at the library's size when under 16 clips).
-    groups = read_relevance_groups(args.audiofolder, args.relevance_column) if args.relevance_column else None
+    groups = read_metadata_column(args.audiofolder, args.relevance_column) if args.relevance_column else None
     relevant = relevant_clips(rows, groups)
     multi_metric, map_at = evaluate.load(METRIC_PATH, "multi_relevant"), min(16, len(key_of))
     for system, ranked in rankings.items():
@@ -184,6 +232,17 @@ def main(argv=None):
         write_submission(args.submission_csv, list(rows["caption"]),
                          [[file_of[clip] for clip in ranked] for ranked in rankings[system]])  # fmt: skip
         print(f"DCASE submission ({system}): {args.submission_csv}")
+    captioning = None
+    if args.captions:
+        attributes_of = None
+        if args.audiofolder:
+            try:
+                attributes_of = read_metadata_column(args.audiofolder, SYNTHETIC_ATTRIBUTES_COLUMN, "--captions")
+            except ValueError:
+                pass  # not the synthetic set: BLEU-4 only
+        captioning = evaluate_captions(model, processor, rows, lambda clip: cache.get(key_of[clip]), attributes_of,
+                                       args.batch_size)  # fmt: skip
+        print(format_caption_report(name, captioning))
     seconds = time.perf_counter() - started
     print(f"Done in {seconds:.1f} s.")
     if args.output_json:
@@ -192,7 +251,8 @@ def main(argv=None):
             json.dump({"model": args.model, "evaluation_set": name, "clips": len(key_of), "queries": len(rows),
                        "rerank_top_k": args.rerank_top_k, "results": results, "chance": chance,
                        "audio_to_text": audio_to_text, "captions_fitting_several_clips": ambiguous,
-                       "skipped": len(skipped) + len(failures), "seconds": round(seconds, 1)}, handle, indent=2)  # fmt: skip
+                       "skipped": len(skipped) + len(failures), "seconds": round(seconds, 1),
+                       "captioning": captioning}, handle, indent=2)  # fmt: skip
     return results
 
 

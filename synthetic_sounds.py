@@ -176,6 +176,27 @@ def caption_attributes(caption: str) -> dict:
     return found
 
 
+def named_attributes(caption: str) -> dict:
+    """
+    What any text names of each attribute, read leniently (for generated captions, which need not follow the
+    generator's grammar): an attribute's value when the text holds wordings of that value only, else `None` (no
+    wording, or wordings of two values). Sound and pitch come from the subject wordings; `motion` is `"steady"` for
+    noise, which has no pitch movement.
+    """
+    text = caption.lower()
+    subjects = {key for key, wordings in SUBJECTS.items() if any(w in text for w in wordings)}
+    found = {"sound": None, "pitch": None}
+    for index, name in enumerate(("sound", "pitch")):
+        values = {key[index] for key in subjects}
+        found[name] = values.pop() if len(values) == 1 else None
+    for name, table in PHRASES.items():
+        values = {value for value, wordings in table.items() if any(w in text for w in wordings)}
+        found[name] = values.pop() if len(values) == 1 else None
+    if found["sound"] == "noise" and found["motion"] is None:
+        found["motion"] = "steady"
+    return found
+
+
 def write_set(directory: str, num_clips: int, captions_per_clip: int, rng: np.random.Generator):
     import soundfile
 

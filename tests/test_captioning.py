@@ -124,3 +124,46 @@ def test_generate_from_fbank_equals_from_cached_tokens(captioner, processor):
     assert torch.equal(from_fbank, from_tokens)
     with pytest.raises(ValueError, match="not both"):
         captioner.generate()
+
+
+# --- scoring captions ----------------------------------------------------------------------------------------------
+
+
+def test_attribute_accuracy_on_hand_made_captions():
+    from captioning import attribute_accuracy, shuffled_chance
+
+    tone = dict(sound="tone", pitch="high", motion="rising", rhythm="fast", loudness="quieter", space="echo")
+    noise = dict(sound="noise", pitch="pink", motion="steady", rhythm="slow", loudness="even", space="dry")
+    captions = [
+        # all right, in another order and with words the generator never writes
+        "a shrill whistle sweeping upwards, clearly fading out, in quick bursts and echoing back",
+        # the noise right but its rhythm named twice (slow and fast: not right) and no space named
+        "soft rushing noise at a steady level, pulsing slowly and stuttering fast",
+    ]
+    scores = attribute_accuracy(captions, [tone, noise])
+    # motion counts for the tone only (noise has no pitch movement)
+    assert scores == {"sound": 1.0, "pitch": 1.0, "motion": 1.0, "rhythm": 0.5, "loudness": 1.0, "space": 0.5,
+                      "all": 0.5}  # fmt: skip
+    assert attribute_accuracy(["a low tone at a constant pitch"], [dict(tone, pitch="low")])["pitch"] == 1.0
+    chance = shuffled_chance([tone, noise, dict(tone, space="hall")])
+    assert chance["sound"] == pytest.approx((2 / 3) ** 2 + (1 / 3) ** 2)
+    assert chance["motion"] == pytest.approx(1.0)  # both tones rise
+    assert chance["all"] == pytest.approx(3 * (1 / 3) ** 2)
+    with pytest.raises(ValueError, match="one attribute set per caption"):
+        attribute_accuracy(captions, [tone])
+
+
+def test_bleu4_perfect_none_and_references_padded():
+    from captioning import bleu4
+
+    references = [["a dog barks loudly in the distance", "a dog is barking far away"], ["rain falls on a tin roof"]]
+    assert bleu4(["a dog barks loudly in the distance", "rain falls on a tin roof"], references) == pytest.approx(1.0)
+    assert bleu4(["x y z w v", "q r s t u"], references) == pytest.approx(0.0)
+    # a clip with one reference counts it once, as if repeated
+    partial = ["a dog barks in the distance", "rain falls on a roof"]
+    assert bleu4(partial, references) == pytest.approx(
+        bleu4(partial, [references[0], references[1] * 2])
+    )
+    assert 0.2 < bleu4(partial, references) < 1.0
+    with pytest.raises(ValueError):
+        bleu4(partial, [references[0]])

@@ -234,7 +234,7 @@ def test_evaluation_script_table(saved_model, tmp_path):
     results = evaluate_main([
         "--model", saved_model, "--audiofolder", str(tmp_path / "data" / "library"), "--rerank_top_k", "3",
         "--feature_cache_dir", str(tmp_path / "cache"), "--output_json", str(output), "--device", "cpu",
-        "--relevance_column", "attributes", "--submission_csv", str(tmp_path / "submission.csv"),
+        "--relevance_column", "attributes", "--submission_csv", str(tmp_path / "submission.csv"), "--captions",
     ])  # fmt: skip
     saved = json.loads(output.read_text())
     assert saved["clips"] == 12 and saved["queries"] == 24
@@ -271,21 +271,34 @@ def test_evaluation_script_table(saved_model, tmp_path):
     for row, order in zip(submission[1:], atc_order):
         assert len(set(row[1:])) == 10 and row[4:] == [rows[i]["file_name"] for i in order[3:]]
         assert sorted(row[1:4]) == sorted(rows[i]["file_name"] for i in order[:3])
+    # `--captions`: each clip captioned once, as the model captions its waveform, scored against its own captions.
+    from captioning import attribute_accuracy, bleu4, caption_waveforms
+
+    captioning = saved["captioning"]
+    waves = [load_audio(str(tmp_path / "data" / "library" / r["file_name"])) for r in rows]
+    expected = caption_waveforms(model, processor, waves)
+    assert [c["caption"] for c in captioning["captions"]] == expected and captioning["clips"] == 12
+    references = [[r["caption_1"], r["caption_2"]] for r in rows]
+    assert [c["references"] for c in captioning["captions"]] == references
+    assert captioning["BLEU-4"] == pytest.approx(bleu4(expected, references))
+    truth = [json.loads(r["attributes"]) for r in rows]
+    assert captioning["attributes_named_right"] == pytest.approx(attribute_accuracy(expected, truth))
+    assert captioning["generation"]["num_beams"] == 3
 
 
 def test_relevant_clips_by_group_and_multi_relevant_map(tmp_path):
     from datasets import Dataset
 
-    from evaluate_retrieval import read_relevance_groups, relevant_clips
+    from evaluate_retrieval import read_metadata_column, relevant_clips
 
     (tmp_path / "metadata.csv").write_text("file_name,caption_1,attributes\na.wav,x,red\nb.wav,y,blue\nc.wav,z,red\n")
-    groups = read_relevance_groups(str(tmp_path), "attributes")
+    groups = read_metadata_column(str(tmp_path), "attributes")
     paths = [str(tmp_path / n) for n in ("a.wav", "b.wav", "c.wav", "a.wav")]
     rows = Dataset.from_dict({"audio_path": paths, "audio_id": ["A", "B", "C", "A"]})
     assert relevant_clips(rows) == [["A"], ["B"], ["C"], ["A"]]
     assert relevant_clips(rows, groups) == [["A", "C"], ["B"], ["A", "C"], ["A", "C"]]
     with pytest.raises(ValueError, match="no column 'colour'"):
-        read_relevance_groups(str(tmp_path), "colour")
+        read_metadata_column(str(tmp_path), "colour")
 
 
 def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_path):
