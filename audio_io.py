@@ -35,6 +35,19 @@ def window_starts(num_samples: int, window: int, hop: int) -> list[int]:
     return starts
 
 
+# A caption describes a whole clip up to this long (Clotho's longest clips, which DCASE captions whole); a longer
+# recording gets one caption per window, each saying what happens from its start.
+CAPTION_WHOLE_SECONDS = 30.0
+
+
+def caption_spans(num_samples: int, sampling_rate: int = SAMPLING_RATE) -> list[tuple[int, int]]:
+    """`(first, end)` samples of the parts of a clip to caption: all of it, or its windows when it is long."""
+    if num_samples <= CAPTION_WHOLE_SECONDS * sampling_rate:
+        return [(0, num_samples)]
+    window, hop = round(WINDOW_SECONDS * sampling_rate), round(HOP_SECONDS * sampling_rate)
+    return [(start, start + window) for start in window_starts(num_samples, window, hop)]
+
+
 class AudioLoadError(ValueError):
     """A clip that cannot be used: missing, unreadable, empty or with non-finite samples. `str()` is "name: reason"."""
 
@@ -95,6 +108,6 @@ def audio_files(directory: str) -> list[str]:
 
 
 __all__ = [
-    "AUDIO_EXTENSIONS", "AudioLoadError", "HOP_SECONDS", "SAMPLING_RATE", "WINDOW_SECONDS", "audio_files", "load_audio",
-    "window_starts",
+    "AUDIO_EXTENSIONS", "AudioLoadError", "CAPTION_WHOLE_SECONDS", "HOP_SECONDS", "SAMPLING_RATE", "WINDOW_SECONDS",
+    "audio_files", "caption_spans", "load_audio", "window_starts",
 ]  # fmt: skip

@@ -76,6 +76,7 @@ class SearchHit:
     cosine: float
     start_seconds: float  # where the best-matching window starts (0 for files within one window)
     match_logit: float | None = None
+    caption: str | None = None  # the model's caption of the file, in a library indexed with captions
 
 
 class AudioLibrary:
@@ -95,11 +96,14 @@ class AudioLibrary:
             warning). A property of the library, recorded when it is created, so that all its clips are embedded the
             same way; an existing library keeps its own setting. Otherwise the CPU runs BEATs' exact float32 copy
             (`cpu_copy(..., "float32")`: oneDNN products, the model's numbers to float32 rounding).
+        captions (`bool`, defaults to `False`): also store a caption of each file, written by the model's caption
+            head (`generate`, its default beam search) from the file's first window (the whole file when it fits one
+            window) as it is embedded; search hits carry it. Like `fast_cpu_encoder`, fixed when the library is created.
     """
 
     def __init__(self, directory: str, model, processor, model_name: str | None = None, create: bool = False,
                  keep_tokens: bool = True, window_seconds: float = WINDOW_SECONDS, hop_seconds: float = HOP_SECONDS,
-                 fast_cpu_encoder: bool = False):  # fmt: skip
+                 fast_cpu_encoder: bool = False, captions: bool = False):  # fmt: skip
         self.directory, self.model, self.processor = directory, model, processor
         self.sampling_rate = processor.feature_extractor.sampling_rate
         config_path = os.path.join(directory, LIBRARY_CONFIG)
@@ -120,7 +124,7 @@ class AudioLibrary:
             os.makedirs(directory, exist_ok=True)
             self.config = {"format": 1, "model": model_name, "model_identity": identity, "keep_tokens": keep_tokens,
                            "window_seconds": window_seconds, "hop_seconds": hop_seconds,
-                           "fast_cpu_encoder": fast_cpu_encoder}  # fmt: skip
+                           "fast_cpu_encoder": fast_cpu_encoder, "captions": captions}  # fmt: skip
             _write_json_atomically(config_path, self.config)
         else:
             raise FileNotFoundError(
@@ -273,14 +277,16 @@ class AudioLibrary:
                 return
             embeds, tokens = self.embed_waveforms(flat, batch_size)
             embeds = embeds.flatten(1).numpy()
+            firsts = np.cumsum([0] + [len(windows) for _, _, _, windows in pending])[:-1]
+            captions = self._captions([tokens[first] for first in firsts]) if self.config.get("captions") else None
             rows, token_items = [], []
-            first = 0
-            for path, duration, starts, windows in pending:
+            for index, ((path, duration, starts, windows), first) in enumerate(zip(pending, firsts)):
                 count = len(windows)
                 token_items += [(f"{keys[path]}#{i}", tokens[first + i], {}) for i in range(count)]
-                rows.append((keys[path], embeds[first : first + count],
-                             {"path": self._stored_path(path), "seconds": duration, "starts": starts}))  # fmt: skip
-                first += count
+                metadata = {"path": self._stored_path(path), "seconds": duration, "starts": starts}
+                if captions is not None:
+                    metadata["caption"] = captions[index]
+                rows.append((keys[path], embeds[first : first + count], metadata))
             if self.config["keep_tokens"]:
                 self.tokens.append(token_items, shard)  # before the embeddings: a stored embedding has its tokens
             self.embeddings.append(rows, shard)
@@ -326,6 +332,12 @@ class AudioLibrary:
         return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - new_files,
                 "failed": failed}  # fmt: skip
 
+    def _captions(self, window_tokens: list) -> list[str]:
+        """Captions of windows given as BEATs tokens (the model's default generation)."""
+        from captioning import caption_token_arrays
+
+        return caption_token_arrays(self.model, self.processor, window_tokens)
+
     def _decoded(self, paths: list[str], ahead: int = 8):
         """
         `(path, waveform or AudioLoadError)` in order, decoded by a thread up to `ahead` files before the model needs
@@ -356,7 +368,8 @@ class AudioLibrary:
     def stored_files(self) -> list[dict]:
         """The files the library searches: `{"path", "seconds", "windows"}` each, by path."""
         files = [{"path": self.path_of(key), "seconds": self.embeddings.metadata(key)["seconds"],
-                  "windows": len(self.embeddings.metadata(key)["starts"])} for key in self.live_keys()]  # fmt: skip
+                  "windows": len(self.embeddings.metadata(key)["starts"]),
+                  "caption": self.embeddings.metadata(key).get("caption")} for key in self.live_keys()]  # fmt: skip
         return sorted(files, key=lambda f: f["path"])
 
     def failures(self) -> list[dict]:
@@ -462,7 +475,8 @@ class AudioLibrary:
         meta = self.embeddings.metadata(key)
         window = row - self.embeddings.location(key)[1]
         start = meta["starts"][window] / self.sampling_rate
-        return SearchHit(self.path_of(key), cosine if score is None else score, cosine, start, match_logit)
+        return SearchHit(self.path_of(key), cosine if score is None else score, cosine, start, match_logit,
+                         meta.get("caption"))  # fmt: skip
 
     def _window_tokens(self, key_rows: list[tuple[str, int]]) -> list[np.ndarray]:
         """BEATs tokens of windows: stored ones, else computed again from the audio."""

@@ -5,11 +5,15 @@
     accelerate launch [--multi_gpu] --num_processes N -m audio_search --library LIB index DIR --model MODEL
     audio-qformer --library LIB search "a dog barks" [-k 10] [--rerank 16] [--json]
     audio-qformer --library LIB similar FILE [-k 10] [--json]
+    audio-qformer caption FILE_OR_DIR... --model MODEL [--json] [--submission_csv PATH]   # no library needed
+
+`index --captions` also stores the model's caption of each file, which `search` and `similar` then show.
 
 `--library` (default `./audio-library`) and `--device` come before the command.
 """
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -36,6 +40,53 @@ def _print_hits(query: str, hits: list[SearchHit], as_json: bool):
         match = (f"{hit.match_logit:7.3f}  " if hit.match_logit is not None else f"{'':7}  ") if reranked else ""
         where = f"  (from {hit.start_seconds:.1f} s)" if hit.start_seconds else ""
         print(f"{rank:>4}  {hit.score:7.3f}  {hit.cosine:7.3f}  {match}{hit.path}{where}")
+        if hit.caption:
+            print(f"{'':6}{hit.caption}")
+
+
+def _caption(args, parser) -> int:
+    """The `caption` command: captions of files (or every audio file under folders), without a library."""
+    from audio_io import audio_files
+    from captioning import caption_files
+
+    name = args.model
+    if name is None:
+        config_path = os.path.join(args.library, LIBRARY_CONFIG)
+        if not os.path.exists(config_path):
+            parser.error("caption needs --model (or a --library whose model to use)")
+        with open(config_path) as handle:
+            name = json.load(handle)["model"]
+    paths = []
+    for item in args.files:
+        if os.path.isdir(item):
+            paths += audio_files(item)
+        elif os.path.exists(item):
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    if not paths:
+        raise ValueError(f"No audio files in {', '.join(args.files)}.")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, processor = load_model(name, device)
+    results = caption_files(model, processor, paths, args.batch_size, show_progress=not args.json)
+    for result in results:
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        elif "error" in result:
+            print(f"{result['file']}: unreadable ({result['error']})")
+        else:
+            for part in result["captions"]:
+                where = f" ({part['start_seconds']:.1f} s)" if len(result["captions"]) > 1 else ""
+                print(f"{result['file']}{where}: {part['caption']}")
+    if args.submission_csv:  # DCASE task 6A's file: one caption per file, by file name
+        os.makedirs(os.path.dirname(os.path.abspath(args.submission_csv)), exist_ok=True)
+        with open(args.submission_csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "caption_predicted"])
+            writer.writerows([os.path.basename(r["file"]), r["captions"][0]["caption"]] for r in results if "captions" in r)
+        print(f"Captioning submission: {args.submission_csv}", file=sys.stderr)
+    unreadable = [r["file"] for r in results if "error" in r]
+    return 1 if unreadable and len(unreadable) == len(results) else 0
 
 
 def main(argv=None):
@@ -57,6 +108,9 @@ def main(argv=None):
                             "CPU has bfloat16 units; elsewhere the exact path, with a warning.")
     index.add_argument("--vector_index", action="store_true",
                        help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
+    index.add_argument("--captions", action="store_true",
+                       help="New library: also store the model's caption of each file (of its first window when it "
+                            "is longer than one), shown by search and similar.")
     search = commands.add_parser("search", help="Rank the library's files for a text.")
     search.add_argument("text", nargs="+", help="One or more queries.")
     similar = commands.add_parser("similar", help="Rank the library's files by similarity to an audio file.")
@@ -67,6 +121,13 @@ def main(argv=None):
     search.add_argument("--rerank", type=int, nargs="?", const=-1, default=0, metavar="K",
                         help="Re-rank the top K with the matching head (a bare --rerank: the model's rerank_top_k, 16).")
     search.add_argument("--approximate", action="store_true", help="Search with the vector index (large libraries).")
+    caption = commands.add_parser("caption", help="Caption audio files with the model (no library needed).")
+    caption.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
+    caption.add_argument("--model", help="Saved model folder or Hub id (default: the --library's model).")
+    caption.add_argument("--batch_size", type=int, default=8, help="Files per batch.")
+    caption.add_argument("--json", action="store_true", help="One JSON object per file.")
+    caption.add_argument("--submission_csv", metavar="PATH",
+                         help="Also write the DCASE audio captioning submission: file_name,caption_predicted.")
     args = parser.parse_args(argv)
 
     try:
@@ -78,10 +139,14 @@ def main(argv=None):
             state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
             device = state.device if args.device == "auto" else args.device
             config_path = os.path.join(args.library, LIBRARY_CONFIG)
-            if args.fast_cpu and os.path.exists(config_path):
+            if (args.fast_cpu or args.captions) and os.path.exists(config_path):
                 with open(config_path) as handle:
-                    if not json.load(handle).get("fast_cpu_encoder"):
-                        parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
+                    existing = json.load(handle)
+                if args.fast_cpu and not existing.get("fast_cpu_encoder"):
+                    parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
+                if args.captions and not existing.get("captions"):
+                    parser.error(f"{args.library} was indexed without captions; --captions applies to new libraries "
+                                 "(index into a new --library)")  # fmt: skip
             if not args.model and not os.path.exists(config_path):
                 parser.error("a new library needs --model (a saved model folder or Hub id)")
             with state.main_process_first():  # the main process creates a new library; the others then open it
@@ -91,7 +156,8 @@ def main(argv=None):
                     model, processor = load_model(args.model, device)
                     library = AudioLibrary(args.library, model, processor, args.model, create=True,
                                            keep_tokens=not args.no_tokens, window_seconds=args.window_seconds,
-                                           hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu)  # fmt: skip
+                                           hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu,
+                                           captions=args.captions)  # fmt: skip
             report = library.index(args.directory, args.batch_size, show_progress=state.is_main_process, state=state)
             who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
             print(f"{args.library}: {who}{report['files']} audio files under {args.directory}: {report['embedded']} "
@@ -100,6 +166,8 @@ def main(argv=None):
                 print(f"  skipped {failure['audio']}: {failure['reason']}")
             if args.vector_index and state.is_main_process:
                 print(f"Vector index: {len(library.vector_index(build=True))} windows")
+        elif args.command == "caption":
+            return _caption(args, parser)
         else:
             device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
             library = AudioLibrary.load(args.library, device=device)

@@ -8,6 +8,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from audio_io import AudioLoadError, caption_spans, load_audio
 from retrieval import pad_tokens
 
 
@@ -36,6 +37,34 @@ def caption_waveforms(model, processor, waveforms: list[np.ndarray], batch_size:
                              feature_attention_mask=inputs["feature_attention_mask"].to(device), **generate_kwargs)  # fmt: skip
         captions += processor.batch_decode(ids, skip_special_tokens=True)
     return [caption.strip() for caption in captions]
+
+
+def caption_files(
+    model, processor, paths: list[str], batch_size: int = 8, show_progress: bool = False, **generate_kwargs
+) -> list[dict]:
+    """
+    Captions of audio files: `{"file", "captions": [{"start_seconds", "caption"}]}` each, one caption for a clip up to
+    `audio_io.CAPTION_WHOLE_SECONDS` long, one per window for longer ones; `{"file", "error"}` for an unreadable file.
+    Files are read `batch_size` at a time.
+    """
+    from tqdm.auto import tqdm
+
+    rate = processor.feature_extractor.sampling_rate
+    results = []
+    for first_file in tqdm(range(0, len(paths), batch_size), desc="Captioning", unit="batch", disable=not show_progress):
+        parts = []  # (result, start seconds, samples)
+        for path in paths[first_file : first_file + batch_size]:
+            try:
+                waveform = load_audio(path, sampling_rate=rate)
+            except AudioLoadError as error:
+                results.append({"file": path, "error": error.reason})
+                continue
+            results.append({"file": path, "captions": []})
+            parts += [(results[-1], first / rate, waveform[first:end]) for first, end in caption_spans(len(waveform), rate)]
+        captions = caption_waveforms(model, processor, [samples for _, _, samples in parts], batch_size, **generate_kwargs)
+        for (result, start, _), caption in zip(parts, captions):
+            result["captions"].append({"start_seconds": round(start, 2), "caption": caption})
+    return results
 
 
 def bleu4(captions: list[str], references: list[list[str]]) -> float:
@@ -92,4 +121,4 @@ def shuffled_chance(attributes: list[dict]) -> dict[str, float]:
     return chance
 
 
-__all__ = ["attribute_accuracy", "bleu4", "caption_token_arrays", "caption_waveforms", "shuffled_chance"]
+__all__ = ["attribute_accuracy", "bleu4", "caption_files", "caption_token_arrays", "caption_waveforms", "shuffled_chance"]

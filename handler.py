@@ -13,12 +13,17 @@ per request with `data["inputs"]` (the raw body as bytes when a client posts `au
     {"text": [...]}                     (task: "text-embedding")                 {"text_embeds": texts x 256}
     {"text": [...], "audio": [a, ...]}  (task: "text-to-audio-ranking"), top_k  per text: [{"audio": i, "score",
                                                                                   "start_seconds"}, ...] best first
+    audio                               task: "caption" (+ generate options:     [{"start_seconds", "caption"}, ...]
+                                        num_beams, max_length, min_length,
+                                        do_sample, top_p)
 
 Audio is raw bytes or base64 text (a `data:audio/...;base64,` prefix is allowed): wav, flac, ogg or mp3 at any
 sampling rate and channel count, decoded and resampled to 16 kHz mono as the search CLI does (`audio_io.load_audio`),
 at most `MAX_AUDIO_SECONDS` long. Clips longer than a window (10.24 s) are embedded in windows 5.12 s apart, and a clip
 scores as its best window, as in a search library; a clip within one window classifies exactly as
-`pipeline("zero-shot-audio-classification")` does. Bad input raises `ValueError` saying what is wrong.
+`pipeline("zero-shot-audio-classification")` does. A caption describes a clip up to 30 s whole, a longer one window by
+window (`audio_io.caption_spans`), with the model's caption head (beam search unless the parameters say otherwise).
+Bad input raises `ValueError` saying what is wrong.
 """
 
 import base64
@@ -32,7 +37,9 @@ from transformers import AutoModel, AutoProcessor
 MAX_AUDIO_SECONDS = 600
 # transformers' zero-shot audio classification pipeline's default template.
 HYPOTHESIS_TEMPLATE = "This is a sound of {}."
-TASKS = ("zero-shot-audio-classification", "audio-embedding", "text-embedding", "text-to-audio-ranking")
+TASKS = ("zero-shot-audio-classification", "audio-embedding", "text-embedding", "text-to-audio-ranking", "caption")
+# The `generate` options a caption request may set, with their types.
+CAPTION_OPTIONS = {"num_beams": int, "max_length": int, "min_length": int, "do_sample": bool, "top_p": float}
 
 
 class EndpointHandler:
@@ -76,6 +83,10 @@ class EndpointHandler:
         if task == "zero-shot-audio-classification":
             labels = self._labels(parameters)
             results = [self._classify(waveform, labels) for waveform in waveforms]
+            return results[0] if len(results) == 1 else results
+        if task == "caption":
+            options = self._caption_options(parameters)
+            results = [self._caption(waveform, options) for waveform in waveforms]
             return results[0] if len(results) == 1 else results
         return self._rank(self._need_texts(texts, task), waveforms, parameters.get("top_k"))
 
@@ -131,6 +142,18 @@ class EndpointHandler:
             raise ValueError("parameters.candidate_labels is empty: give at least one label.")
         return labels
 
+    @staticmethod
+    def _caption_options(parameters) -> dict:
+        options = {name: parameters[name] for name in CAPTION_OPTIONS if name in parameters}
+        for name, value in options.items():
+            kind = CAPTION_OPTIONS[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                    raise ValueError(f"parameters.{name} must be {kind.__name__}, got {value!r}.")
+        if not 1 <= options.get("num_beams", 1) <= 10 or not 2 <= options.get("max_length", 30) <= 100:
+            raise ValueError("parameters.num_beams must be 1 to 10 and parameters.max_length 2 to 100.")
+        return options
+
     def _decode(self, audio, index: int, count: int):
         from audio_io import AudioLoadError, load_audio
 
@@ -180,6 +203,18 @@ class EndpointHandler:
         scores = self.model.zero_shot_logits(audio_embeds, text_embeds).softmax(-1).tolist()
         return sorted(({"label": label, "score": score} for label, score in zip(labels, scores)),
                       key=lambda result: -result["score"])  # fmt: skip
+
+    def _caption(self, waveform, options: dict) -> list[dict]:
+        from audio_io import caption_spans
+
+        spans = caption_spans(len(waveform), self.sampling_rate)
+        features = self.processor.feature_extractor(
+            [waveform[first:end] for first, end in spans], sampling_rate=self.sampling_rate, return_tensors="pt"
+        )
+        ids = self.model.generate(**features.to(self.device), **options)
+        captions = self.processor.batch_decode(ids, skip_special_tokens=True)
+        return [{"start_seconds": first / self.sampling_rate, "caption": caption.strip()}
+                for (first, _), caption in zip(spans, captions)]  # fmt: skip
 
     def _rank(self, texts: list[str], waveforms, top_k=None) -> list[list[dict]]:
         text_embeds = self._text_embeds(texts)

@@ -102,6 +102,14 @@ HANDLER_SCRIPT = """
         text = handler({{"inputs": {{"text": ["a rising whistle", "noise"]}}}})["text_embeds"]
         out["ranking_expected"] = torch.stack([model.score(w, torch.tensor(text)).amax(0) for w in windows], 1).tolist()
 
+    caption_request = {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption"}}}}
+    out["caption"] = handler(caption_request)
+    out["caption_greedy"] = handler({{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption", "num_beams": 1, "max_length": 12}}}})
+    with torch.no_grad():
+        features = processor.feature_extractor([load_audio(data=encode(stereo, "WAV"))], sampling_rate=16000, return_tensors="pt")
+        out["caption_expected"] = [processor.batch_decode(model.generate(**features, **options), skip_special_tokens=True)[0].strip()
+                                   for options in ({{}}, {{"num_beams": 1, "max_length": 12}})]
+    out["caption_long"] = handler({{"inputs": encode(np.tile(long, 2)[: 16000 * 35], "FLAC", 16000), "parameters": {{"task": "caption"}}}})
     too_long = encode(np.zeros(16000 * (MAX_AUDIO_SECONDS + 2), np.float32) + 0.1, "WAV", 16000)
     bad = {{
         "empty": {{"inputs": b""}},
@@ -111,6 +119,7 @@ HANDLER_SCRIPT = """
         "too long": {{"inputs": too_long, "parameters": {{"task": "audio-embedding"}}}},
         "unknown task": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "translate"}}}},
         "empty text": {{"inputs": {{"text": ["  "]}}}},
+        "caption option": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption", "num_beams": "three"}}}},
     }}
     out["errors"] = {{}}
     for name, payload in bad.items():
@@ -149,3 +158,9 @@ def test_handler_from_a_fresh_process(saved_folder, tmp_path):
     assert "longer than the endpoint's limit of 600 s" in errors["too long"]
     assert "Unknown task 'translate'" in errors["unknown task"]
     assert "needs non-empty texts" in errors["empty text"]
+    assert "parameters.num_beams must be int" in errors["caption option"]
+    # Captions: the model's generate on the decoded clip (beam search by default, options passed through); a clip
+    # over 30 s is captioned window by window.
+    assert out["caption"] == [{"start_seconds": 0.0, "caption": out["caption_expected"][0]}]
+    assert out["caption_greedy"][0]["caption"] == out["caption_expected"][1]
+    assert [part["start_seconds"] for part in out["caption_long"]] == [0.0, 5.12, 10.24, 15.36, 20.48, 24.76]

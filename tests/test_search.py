@@ -1,5 +1,6 @@
 """The sound-library search engine and its CLI, and the Table-1 evaluation script, on generated audio and a tiny model."""
 
+import csv
 import json
 import os
 import shutil
@@ -509,3 +510,44 @@ def test_a_killed_multi_process_run_is_completed_by_the_next_run(saved_model, so
     assert {library.embeddings.location(k)[0] for k in library.embeddings.keys()} == {0}
     assert library.stored_files() == one.stored_files()
     assert [h.path for h in library.search(["a beep"], k=6)[0]] == [h.path for h in one.search(["a beep"], k=6)[0]]
+
+
+def test_library_with_captions_and_the_caption_command(saved_model, sounds, tmp_path, capsys):
+    # `index --captions`: each file's caption is the model's caption of its first window's stored BEATs tokens, shown
+    # by search (table and JSON) and similar; `caption` captions files without a library, and writes DCASE task 6A's
+    # submission file.
+    from captioning import caption_files, caption_token_arrays
+
+    folder = copy_of(sounds, tmp_path)
+    lib = str(tmp_path / "lib")
+    assert main(["--library", lib, "index", str(folder), "--model", saved_model, "--captions"]) == 0
+    capsys.readouterr()
+    library = AudioLibrary.load(lib)
+    keys = library.live_keys()
+    expected = caption_token_arrays(library.model, library.processor, [library.tokens.get(f"{key}#0") for key in keys])
+    stored = {library.path_of(key): caption for key, caption in zip(keys, expected)}
+    assert all(caption for caption in expected) and {f["path"]: f["caption"] for f in library.stored_files()} == stored
+    assert main(["--library", lib, "search", "a rising chirp", "-k", "6", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert len(hits) == 6 and all(hit["caption"] == stored[hit["path"]] for hit in hits)
+    assert main(["--library", lib, "similar", str(folder / "a.wav"), "-k", "2"]) == 0
+    table = capsys.readouterr().out
+    assert sum(caption in table for caption in set(expected)) >= 1
+    # A library indexed without captions does not get them half-way.
+    plain = str(tmp_path / "plain")
+    assert main(["--library", plain, "index", str(folder), "--model", saved_model]) == 0
+    with pytest.raises(SystemExit):
+        main(["--library", plain, "index", str(folder), "--captions"])
+    assert "indexed without captions" in capsys.readouterr().err
+
+    (folder / "notes.wav").write_text("not audio")
+    csv_path = tmp_path / "captions.csv"
+    assert main(["caption", str(folder), "--model", saved_model, "--json", "--submission_csv", str(csv_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    model, processor = load_model(saved_model)
+    assert lines == caption_files(model, processor, sorted(lines_path["file"] for lines_path in lines))
+    assert [line["error"] for line in lines if "error" in line] == ["unreadable audio (Format not recognised.)"]
+    rows = list(csv.reader(open(csv_path)))
+    assert rows[0] == ["file_name", "caption_predicted"] and len(rows) == 1 + 6
+    assert {row[0] for row in rows[1:]} == {"a.wav", "b.wav", "c.flac", "d.wav", "e.wav", "f.wav"}
+    assert main(["caption", str(tmp_path / "nowhere.wav"), "--model", saved_model]) == 2
