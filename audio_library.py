@@ -290,7 +290,11 @@ class AudioLibrary:
         _check_dataset(dataset, name, EXPORT_COLUMNS)
         identity = _only_value(dataset, "model_identity", name)
         model_name = model_name_or_path or _only_value(dataset, "model", name)
-        model, processor = load_model(model_name, device)
+        try:
+            model, processor = load_model(model_name, device)
+        except OSError as error:  # e.g. a folder on the machine that exported the library
+            message = f"{name}: its model {model_name} cannot be loaded here ({error}); give it with --model."
+            raise ValueError(message) from error
         if weights_fingerprint(model) != identity:
             raise ValueError(
                 f"{name} was embedded by {dataset[0]['model']} (model_identity {identity}); the model {model_name} has "

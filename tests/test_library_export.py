@@ -133,6 +133,9 @@ def test_import_refuses_bad_datasets(library, exported, saved_model, tmp_path, t
     error = capsys.readouterr().err
     assert f"was embedded by {saved_model} (model_identity {library.config['model_identity']})" in error
     assert not os.path.exists(tmp_path / "c" / "library.json")  # refused before anything was written
+    elsewhere = dataset.remove_columns("model").add_column("model", [str(tmp_path / "gone")] * len(dataset))
+    with pytest.raises(ValueError, match=r"its model .*gone cannot be loaded here .*; give it with --model"):
+        AudioLibrary.from_dataset(elsewhere, str(tmp_path / "e"))
     long_rows = [i for i, path in enumerate(dataset["path"]) if path.endswith("long.wav")]
     shuffled = dataset.select([long_rows[0], min(set(range(len(dataset))) - set(long_rows)), long_rows[1]])
     with pytest.raises(ValueError, match=r"the windows of sounds/long.wav \(file_key .*\) are not consecutive rows"):
