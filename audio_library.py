@@ -18,10 +18,17 @@ A library folder holds `library.json` (the model it was built with and its ident
 and `files.json` (the files of each indexed folder, replaced atomically at the end of an index run). Sounds kept inside
 the library folder travel with it: copied or cloned elsewhere (a Space), it needs no embedding again. The command
 line over it is `audio_search.py` (`audio-qformer`).
+
+A library also travels as data: `to_dataset` gives a `datasets.Dataset` of its windows (path, start, 32 x 256
+embeddings, the model's id and identity) to write as Parquet or push to the Hub, `from_dataset` opens one as a library
+again without embedding anything, and `index` also takes a `datasets.Dataset` of audio (a Hub dataset, a folder
+`save_to_disk` wrote) instead of a folder.
 """
 
+import hashlib
 import json
 import os
+import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +48,11 @@ logger = logging.get_logger(__name__)
 
 LIBRARY_CONFIG = "library.json"
 LIBRARY_FILES = "files.json"
+# Where `index` writes the audio of dataset rows that carry bytes rather than a local file (a Hub dataset's Parquet):
+# inside the library, so that hits are playable files and the library travels whole, as with its own `sounds/`.
+DATASET_SOUNDS = "sounds"
+
+
 def load_model(name_or_path: str, device: str | torch.device = "cpu"):
     """The model (eval mode) and processor saved at a path or Hub id."""
     from transformers import BertTokenizer
@@ -61,6 +73,126 @@ def _write_json_atomically(path: str, value):
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(path + ".partial", path)
+
+
+# --- the library as a `datasets` dataset -----------------------------------------------------------------------------
+
+# Columns of an exported library, one row per searched window. The model and window settings repeat on every row
+# because a row is all that `load_dataset` returns: `to_parquet` keeps only the features in the Parquet schema, and the
+# dataset card is not read back; Parquet's dictionary encoding stores a repeated value once per row group.
+EXPORT_COLUMNS = ("path", "start_seconds", "file_seconds", "file_key", "audio_embeds", "model", "model_identity",
+                  "window_seconds", "hop_seconds")  # fmt: skip
+
+
+def library_features(num_query_tokens: int, embed_dim: int):
+    """The `datasets.Features` of an exported library (see `AudioLibrary.to_dataset`)."""
+    from datasets import Array2D, Features, Value
+
+    return Features(
+        {
+            "path": Value("string"),  # as the library stores it: relative to the library folder for its own sounds
+            "start_seconds": Value("float64"),  # where the window starts in the file
+            "file_seconds": Value("float64"),
+            "file_key": Value("string"),  # content hash, or path, size and time: an index run recognises the file
+            # As stored (float16), so a library opened from its export searches exactly the same numbers.
+            "audio_embeds": Array2D((num_query_tokens, embed_dim), "float16"),
+            "model": Value("string"),
+            "model_identity": Value("string"),  # `weights_fingerprint` of the model that embedded the windows
+            "window_seconds": Value("float64"),
+            "hop_seconds": Value("float64"),
+            "caption": Value("string"),  # the file's caption in a library indexed with captions, else null (optional)
+        }
+    )
+
+
+def open_dataset(source: str, split: str = "train"):
+    """
+    A split of a dataset: a folder `Dataset.save_to_disk` wrote, else anything `load_dataset` reads (a Hub id, a folder
+    of Parquet files such as `audio-qformer export` writes, an audiofolder).
+    """
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    saved = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes for a Dataset, a DatasetDict
+    if os.path.isdir(source) and any(os.path.exists(os.path.join(source, name)) for name in saved):
+        dataset = load_from_disk(source)
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{source} has no split {split!r} (--hub_split); its splits are {list(dataset)}.")
+            dataset = dataset[split]
+        return dataset
+    return load_dataset(source, split=split)
+
+
+def _check_dataset(dataset, name: str, columns) -> None:
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{name}: no column(s) {missing}; its columns are {dataset.column_names}.")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} has no rows.")
+
+
+def _only_value(dataset, column: str, name: str):
+    values = dataset.unique(column)
+    if len(values) != 1:
+        raise ValueError(f"{name}: the column {column!r} must hold one value for the whole library; it holds {values}.")
+    return values[0]
+
+
+def _stored_entries(dataset, name: str, sampling_rate: int, batch_size: int = 1024):
+    """
+    The library entries of an exported dataset's rows, `(file_key, embeddings (windows, Q*D) float16, metadata)` per
+    file, in row order. A file's windows must be consecutive rows, as `to_dataset` writes them.
+    """
+    seen, current = set(), None
+    has_captions = "caption" in dataset.column_names  # exports made before captions lack the column
+    columns = dataset.select_columns(["path", "start_seconds", "file_seconds", "file_key", "audio_embeds"]
+                                     + ["caption"] * has_captions)  # fmt: skip
+    # Arrays for the embeddings only: `datasets`' numpy format reads float64 columns as float32.
+    for batch in columns.with_format("numpy", columns=["audio_embeds"], output_all_columns=True).iter(batch_size=batch_size):
+        embeds = np.asarray(batch["audio_embeds"], dtype=np.float16).reshape(len(batch["file_key"]), -1)
+        for i, key in enumerate(batch["file_key"]):
+            if current is None or key != current[0]:
+                if current is not None:
+                    yield current[0], np.stack(current[1]), current[2]
+                if key in seen:
+                    raise ValueError(f"{name}: the windows of {batch['path'][i]} (file_key {key}) are not consecutive rows.")
+                seen.add(key)
+                current = (key, [], {"path": str(batch["path"][i]), "seconds": float(batch["file_seconds"][i]), "starts": []})
+                if has_captions and batch["caption"][i] is not None:
+                    current[2]["caption"] = batch["caption"][i]
+            current[1].append(embeds[i])
+            current[2]["starts"].append(int(round(float(batch["start_seconds"][i]) * sampling_rate)))
+    if current is not None:
+        yield current[0], np.stack(current[1]), current[2]
+
+
+def _folders_of(paths: list[str]) -> dict[str, list[str]]:
+    """
+    Stored paths grouped by the deepest folder that holds them (relative and absolute paths apart), as `files.json`
+    records an indexed folder: the app serves audio from these folders only.
+    """
+    groups: dict[bool, list[str]] = {}
+    for path in paths:
+        groups.setdefault(os.path.isabs(path), []).append(path)
+    return {(os.path.commonpath([os.path.dirname(p) or "." for p in group]) or "."): group for group in groups.values()}
+
+
+def _dataset_audio(dataset, audio_column: str, name: str):
+    """
+    `(path, bytes or None)` of every row's audio, undecoded (`Audio(decode=False)`, as `audio_text_data.load_hub_dataset`
+    reads it: decoding is `audio_io.load_audio`'s, so `datasets`' torchcodec decoder is not needed).
+    """
+    from datasets import Audio, Value
+
+    _check_dataset(dataset, f"{name} (--hub_audio_column {audio_column})", [audio_column])
+    feature = dataset.features[audio_column]
+    if isinstance(feature, Audio):
+        dataset = dataset.cast_column(audio_column, Audio(decode=False))
+    elif not (feature == Value("string") or (isinstance(feature, dict) and {"path", "bytes"} <= set(feature))):
+        raise ValueError(f"{name}: the column {audio_column!r} holds {feature}, not audio (Audio, or file paths).")
+    for batch in dataset.select_columns([audio_column]).iter(batch_size=64):
+        for audio in batch[audio_column]:
+            yield (audio.get("path"), audio.get("bytes")) if isinstance(audio, dict) else (audio, None)
 
 
 class LibraryBusyError(RuntimeError):
@@ -151,6 +283,92 @@ class AudioLibrary:
         model, processor = load_model(name, device)
         return cls(directory, model, processor, name)
 
+    @classmethod
+    def from_dataset(cls, dataset, directory: str, model_name_or_path: str | None = None, device="cpu",
+                     split: str = "train") -> "AudioLibrary":  # fmt: skip
+        """
+        Open a library exported by `to_dataset` (a `datasets.Dataset`, or where `open_dataset` finds one: the folder
+        `audio-qformer export` wrote, its Parquet files' folder, a Hub dataset id) as the library folder `directory`,
+        without embedding anything: its windows are stored as they are. The model is the dataset's `model` (or the one
+        given) and must have the dataset's `model_identity`. An existing library at `directory` must have the same
+        model and windows; files it already holds are kept.
+        """
+        name = dataset if isinstance(dataset, str) else (dataset.info.dataset_name or "the dataset")
+        if isinstance(dataset, str):
+            dataset = open_dataset(dataset, split)
+        _check_dataset(dataset, name, EXPORT_COLUMNS)
+        identity = _only_value(dataset, "model_identity", name)
+        model_name = model_name_or_path or _only_value(dataset, "model", name)
+        try:
+            model, processor = load_model(model_name, device)
+        except OSError as error:  # e.g. a folder on the machine that exported the library
+            message = f"{name}: its model {model_name} cannot be loaded here ({error}); give it with --model."
+            raise ValueError(message) from error
+        if weights_fingerprint(model) != identity:
+            raise ValueError(
+                f"{name} was embedded by {dataset[0]['model']} (model_identity {identity}); the model {model_name} has "
+                f"identity {weights_fingerprint(model)}. Open it with the model that embedded it (--model)."
+            )
+        shape = (model.config.num_query_tokens, model.config.embed_dim)
+        if tuple(dataset.features["audio_embeds"].shape) != shape:
+            raise ValueError(f"{name}: audio_embeds are {dataset.features['audio_embeds'].shape}; the model makes {shape}.")
+        windows = {setting: _only_value(dataset, setting, name) for setting in ("window_seconds", "hop_seconds")}
+        captions = "caption" in dataset.column_names and any(c is not None for c in dataset.unique("caption"))
+        library = cls(directory, model, processor, model_name, create=True, keep_tokens=False, captions=captions,
+                      **windows)  # fmt: skip
+        if any(library.config[setting] != value for setting, value in windows.items()):
+            raise ValueError(f"{directory} cuts files into other windows than {name} ({windows}): open it in a new folder.")
+        lock = library._lock_for_indexing()
+        try:
+            paths, batch = {}, []
+            for entry in _stored_entries(dataset, name, library.sampling_rate):
+                batch.append(entry)
+                paths[entry[2]["path"]] = entry[0]
+                if len(batch) == 256:
+                    library.embeddings.append(batch)
+                    batch = []
+            library.embeddings.append(batch)
+            for folder, group in _folders_of(list(paths)).items():
+                library.files[folder] = {path: paths[path] for path in group}
+            _write_json_atomically(os.path.join(directory, LIBRARY_FILES), library.files)
+        finally:
+            lock.close()
+        library._live = None
+        return library
+
+    def to_dataset(self, cache_dir: str | None = None):
+        """
+        The library as a `datasets.Dataset` (`library_features`): one row per window of the files it searches, in the
+        order `search` reads them, with the model's id and identity. Write it with `to_parquet` or `push_to_hub`;
+        `from_dataset` opens it as a library again. Rows are generated into `cache_dir` (default: the `datasets`
+        cache) by `Dataset.from_generator`, so a library larger than RAM is never held in memory.
+
+        BEATs tokens are not exported (at 768 wide, about 50 times the embeddings): re-ranking a library opened from
+        the dataset decodes each candidate's audio again, which must then be at its `path`.
+        """
+        from datasets import Dataset
+
+        self._live_windows()  # refuses an empty or unfinished library, as search does
+        keys = self.live_keys()
+        queries, dim = self.model.config.num_query_tokens, self.model.config.embed_dim
+        settings = {"model": self.config["model"], "model_identity": self.config["model_identity"],
+                    "window_seconds": self.config["window_seconds"], "hop_seconds": self.config["hop_seconds"]}  # fmt: skip
+
+        def rows():
+            for key in keys:
+                meta = self.embeddings.metadata(key)
+                embeds = np.asarray(self.embeddings.get(key)).reshape(-1, queries, dim)
+                for start, window in zip(meta["starts"], embeds):
+                    yield {"path": meta["path"], "start_seconds": start / self.sampling_rate,
+                           "file_seconds": meta["seconds"], "file_key": key, "audio_embeds": window, **settings,
+                           "caption": meta.get("caption")}  # fmt: skip
+
+        # `from_generator` would hash the generator (and with it the model) to name its cache; the library's state
+        # names it instead, so an export of a changed library is never read from the cache.
+        state = json.dumps([os.path.abspath(self.directory), self.config, keys, self.embeddings.shard_array(0).shape[0]])
+        return Dataset.from_generator(rows, features=library_features(queries, dim), cache_dir=cache_dir,
+                                      fingerprint=hashlib.blake2b(state.encode(), digest_size=16).hexdigest())  # fmt: skip
+
     # --- where files are --------------------------------------------------------------------------------------------
 
     # Files under the library's own folder (e.g. `LIB/sounds/`) make a library that can be copied or cloned whole, as a
@@ -209,24 +427,34 @@ class AudioLibrary:
         outputs = self._audio_encoder(inputs["input_features"], inputs.get("feature_attention_mask"))
         return outputs.last_hidden_state, outputs.audio_attention_mask
 
-    def index(self, root: str, batch_size: int = 8, show_progress: bool = True, state=None) -> dict:
+    def index(self, source, batch_size: int = 8, show_progress: bool = True, state=None, audio_column: str = "audio",
+              dataset_name: str | None = None) -> dict:  # fmt: skip
         """
-        Embed every audio file under `root` not yet in the library (new or changed files), with a progress bar.
-        Resumable: what a killed run stored is kept and not embedded again. Unreadable files are reported, not fatal,
-        and tried again next time. Returns `{"files", "embedded", "reused", "failed": [{"audio", "reason"}]}`.
+        Embed every audio file under the folder `source` not yet in the library (new or changed files), with a progress
+        bar. Resumable: what a killed run stored is kept and not embedded again. Unreadable files are reported, not
+        fatal, and tried again next time. Returns `{"files", "embedded", "reused", "failed": [{"audio", "reason"}]}`.
+
+        `source` may also be a `datasets.Dataset` whose `audio_column` holds audio (an `Audio` column or file paths).
+        A row whose audio is a local file is indexed as that file is from a folder. A row that carries only the encoded
+        bytes (a Hub dataset's Parquet) is first written to `sounds/<dataset_name>/` inside the library, named by the
+        hash of its bytes, and indexed from there, keyed by content: a second run over the dataset writes and embeds
+        nothing again. A row with neither is reported in `failed`.
 
         With an Accelerate `PartialState` of several processes (`accelerate launch`; every process calls this), each
         process embeds its share of the new files (`split_between_processes`) into its own shard and reports its own
         `embedded` and `failed`; then the main process moves the shards' embeddings into one (`FeatureCache.consolidate`,
         so the library is the one a single process would build) and writes the file list.
         """
-        root = os.path.abspath(root)
-        if not os.path.isdir(root):
-            raise NotADirectoryError(f"{root}: not a folder")
+        if isinstance(source, str) and not os.path.isdir(source):
+            raise NotADirectoryError(f"{os.path.abspath(source)}: not a folder")
         several = state is not None and state.num_processes > 1
         lock = self._lock_for_indexing(state if several else None)
         try:
-            return self._index(root, batch_size, show_progress, state, several)
+            if isinstance(source, str):
+                folders, missing = {os.path.abspath(source): audio_files(os.path.abspath(source))}, []
+            else:  # one process writes the rows' audio; the others wait for it at the start of `_index`
+                folders, missing = self._dataset_files(source, audio_column, dataset_name, not several or state.is_main_process)
+            return self._index(folders, missing, batch_size, show_progress, state, several)
         finally:
             if lock is not None:
                 lock.close()  # releases the lock
@@ -257,12 +485,38 @@ class AudioLibrary:
             raise LibraryBusyError(error)
         return handle
 
-    def _index(self, root, batch_size, show_progress, state, several) -> dict:
+    def _dataset_files(self, dataset, audio_column: str, dataset_name: str | None, write: bool):
+        """The files of a dataset's rows (`index`), `{folder: paths}`, and the rows that have no audio."""
+        name = dataset_name or dataset.info.dataset_name or "dataset"
+        short = os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name  # a local folder: its name
+        folder = os.path.join(os.path.abspath(self.directory), DATASET_SOUNDS, re.sub(r"[^\w.-]+", "-", short).strip("-."))
+        local, copied, missing = [], [], []
+        for row, (path, data) in enumerate(_dataset_audio(dataset, audio_column, name)):
+            if path and os.path.isfile(path):
+                local.append(os.path.abspath(path))
+            elif data:
+                digest = hashlib.blake2b(data, digest_size=8).hexdigest()
+                target = os.path.join(folder, f"{digest}-{os.path.basename(path or '') or 'audio'}")
+                if write and not os.path.exists(target):  # named by its bytes: an existing file holds them already
+                    os.makedirs(folder, exist_ok=True)
+                    with open(target + ".partial", "wb") as handle:
+                        handle.write(data)
+                    os.replace(target + ".partial", target)
+                copied.append(target)
+            else:
+                missing.append({"audio": path or f"{name} row {row}",
+                                "reason": "no such file, and the row holds no audio bytes"})  # fmt: skip
+        folders = {folder: list(dict.fromkeys(copied))} if copied else {}
+        if local:
+            folders[os.path.commonpath([os.path.dirname(path) for path in local])] = list(dict.fromkeys(local))
+        return folders, missing
+
+    def _index(self, folders, missing, batch_size, show_progress, state, several) -> dict:
         if several:  # every process sees the same stored files before the new ones are shared out
             state.wait_for_everyone()
             self.embeddings.reload()
             self.tokens.reload()
-        paths = audio_files(root)
+        paths = list(dict.fromkeys(path for group in folders.values() for path in group))
         keys = {path: self._file_key(path) for path in paths}
         todo = [path for path in paths if keys[path] not in self.embeddings]
         new_files, shard = len(todo), 0
@@ -312,9 +566,10 @@ class AudioLibrary:
             # After several processes, or a rerun of a launch that was killed before it consolidated: one shard again.
             if several or any(shard for shard, _, _ in map(self.embeddings.location, self.embeddings.keys())):
                 self.embeddings.consolidate()
-            self.files[self._stored_path(root)] = {
-                self._stored_path(path): keys[path] for path in paths if keys[path] in self.embeddings
-            }
+            for root, group in folders.items():
+                self.files[self._stored_path(root)] = {
+                    self._stored_path(path): keys[path] for path in group if keys[path] in self.embeddings
+                }
             _write_json_atomically(os.path.join(self.directory, LIBRARY_FILES), self.files)
         if several:
             state.wait_for_everyone()
@@ -323,13 +578,16 @@ class AudioLibrary:
             with open(os.path.join(self.directory, LIBRARY_FILES)) as handle:
                 self.files = json.load(handle)
         self._live = None
+        unreadable = len(failed)
+        if not several or state.is_main_process:  # each process would report the same rows
+            failed += missing
         if failed:
             with open(os.path.join(self.directory, "failures.jsonl"), "a") as handle:
                 handle.writelines(json.dumps(f) + "\n" for f in failed)
             shown = "; ".join(f"{f['audio']} ({f['reason']})" for f in failed[:20])
             more = f" and {len(failed) - 20} more (see failures.jsonl)" if len(failed) > 20 else ""
             logger.warning(f"{len(failed)} file(s) could not be read and were skipped: {shown}{more}")
-        return {"files": len(paths), "embedded": len(todo) - len(failed), "reused": len(paths) - new_files,
+        return {"files": len(paths) + len(missing), "embedded": len(todo) - unreadable, "reused": len(paths) - new_files,
                 "failed": failed}  # fmt: skip
 
     def _captions(self, window_tokens: list) -> list[str]:
@@ -486,7 +744,15 @@ class AudioLibrary:
             if f"{key}#{window}" in self.tokens:
                 tokens.append(self.tokens.get(f"{key}#{window}"))
             else:
-                _, windows = self.windows(load_audio(self.path_of(key), sampling_rate=self.sampling_rate))
+                try:
+                    waveform = load_audio(self.path_of(key), sampling_rate=self.sampling_rate)
+                except AudioLoadError as error:
+                    raise ValueError(
+                        f"Re-ranking needs the BEATs tokens of {self.path_of(key)}: this library does not store them "
+                        "(opened from a dataset, or indexed with --no_tokens), and its audio cannot be read "
+                        f"({error.reason}). Put the sounds at their paths, or search without --rerank."
+                    ) from error
+                _, windows = self.windows(waveform)
                 tokens.append(self.embed_waveforms([windows[window]])[1][0])
         return tokens
 
@@ -536,4 +802,4 @@ class AudioLibrary:
         return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
 
 
-__all__ = ["AudioLibrary", "LibraryBusyError", "SearchHit", "load_model"]
+__all__ = ["AudioLibrary", "LibraryBusyError", "SearchHit", "library_features", "load_model", "open_dataset"]

@@ -5,6 +5,9 @@
     accelerate launch [--multi_gpu] --num_processes N -m audio_search --library LIB index DIR --model MODEL
     audio-qformer --library LIB search "a dog barks" [-k 10] [--rerank 16] [--json]
     audio-qformer --library LIB similar FILE [-k 10] [--json]
+    audio-qformer --library LIB index --hub_dataset ID_OR_FOLDER [--hub_split train] [--hub_audio_column audio] --model M
+    audio-qformer --library LIB export OUT_DIR [--push_to_hub DATASET_ID]   # Parquet, one row per window
+    audio-qformer --library LIB import DATASET [--model M]                  # an export (folder or Hub id), no embedding
     audio-qformer caption FILE_OR_DIR... --model MODEL [--json] [--submission_csv PATH]   # no library needed
 
 `index --captions` also stores the model's caption of each file, which `search` and `similar` then show.
@@ -22,7 +25,7 @@ from dataclasses import asdict
 import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
-from audio_library import LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, SearchHit, load_model
+from audio_library import LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, SearchHit, load_model, open_dataset
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -97,7 +100,12 @@ def main(argv=None):
                              "device, else CUDA when present, else the CPU.")
     commands = parser.add_subparsers(dest="command", required=True)
     index = commands.add_parser("index", help="Embed every audio file under DIR (only new or changed files).")
-    index.add_argument("directory", metavar="DIR")
+    index.add_argument("directory", metavar="DIR", nargs="?", help="A folder of audio (or give --hub_dataset).")
+    index.add_argument("--hub_dataset", metavar="ID_OR_FOLDER",
+                       help="Index a dataset's audio instead: a Hub id, or a folder save_to_disk or load_dataset reads.")
+    index.add_argument("--hub_split", default="train", help="Split of --hub_dataset (default: train).")
+    index.add_argument("--hub_audio_column", "--audio_column", dest="hub_audio_column", default="audio",
+                       help="Audio column of --hub_dataset (an Audio column or file paths; default: audio).")
     index.add_argument("--model", help="Saved model folder or Hub id (required for a new library).")
     index.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
     index.add_argument("--no_tokens", action="store_true", help="Do not store BEATs tokens (re-ranking decodes audio).")
@@ -111,6 +119,14 @@ def main(argv=None):
     index.add_argument("--captions", action="store_true",
                        help="New library: also store the model's caption of each file (of its first window when it "
                             "is longer than one), shown by search and similar.")
+    export = commands.add_parser("export", help="Write the library as a Parquet dataset, one row per window.")
+    export.add_argument("output_dir", metavar="OUT_DIR", help="Folder for data/train-00000-of-00001.parquet.")
+    export.add_argument("--push_to_hub", metavar="DATASET_ID", help="Also push the dataset to this Hub repository.")
+    export.add_argument("--private", action="store_true", help="Make a new Hub repository private.")
+    load = commands.add_parser("import", help="Open an exported library (folder or Hub id) as --library, embedding nothing.")
+    load.add_argument("dataset", metavar="DATASET", help="The folder `export` wrote (or its data/), or a Hub id.")
+    load.add_argument("--model", help="The model that embedded it (default: the dataset's `model` column).")
+    load.add_argument("--hub_split", default="train", help="Split of DATASET (default: train).")
     search = commands.add_parser("search", help="Rank the library's files for a text.")
     search.add_argument("text", nargs="+", help="One or more queries.")
     similar = commands.add_parser("similar", help="Rank the library's files by similarity to an audio file.")
@@ -129,6 +145,8 @@ def main(argv=None):
     caption.add_argument("--submission_csv", metavar="PATH",
                          help="Also write the DCASE audio captioning submission: file_name,caption_predicted.")
     args = parser.parse_args(argv)
+    if args.command == "index" and (args.directory is None) == (args.hub_dataset is None):
+        parser.error("index needs a folder DIR or --hub_dataset, not both")
 
     try:
         if args.command == "index":
@@ -158,9 +176,12 @@ def main(argv=None):
                                            keep_tokens=not args.no_tokens, window_seconds=args.window_seconds,
                                            hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu,
                                            captions=args.captions)  # fmt: skip
-            report = library.index(args.directory, args.batch_size, show_progress=state.is_main_process, state=state)
+            source = args.directory or open_dataset(args.hub_dataset, args.hub_split)
+            report = library.index(source, args.batch_size, show_progress=state.is_main_process, state=state,
+                                   audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip
             who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
-            print(f"{args.library}: {who}{report['files']} audio files under {args.directory}: {report['embedded']} "
+            where = f"under {args.directory}" if args.directory else f"in {args.hub_dataset} ({args.hub_split})"
+            print(f"{args.library}: {who}{report['files']} audio files {where}: {report['embedded']} "
                   f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable", flush=True)  # fmt: skip
             for failure in report["failed"]:
                 print(f"  skipped {failure['audio']}: {failure['reason']}")
@@ -168,6 +189,26 @@ def main(argv=None):
                 print(f"Vector index: {len(library.vector_index(build=True))} windows")
         elif args.command == "caption":
             return _caption(args, parser)
+        elif args.command == "import":
+            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            library = AudioLibrary.from_dataset(args.dataset, args.library, args.model, device, args.hub_split)
+            print(f"{args.library}: {len(library.live_keys())} files, {library.embeddings.shard_array(0).shape[0]} "
+                  f"windows from {args.dataset}; nothing embedded")  # fmt: skip
+        elif args.command == "export":
+            import tempfile
+
+            library = AudioLibrary.load(args.library, device="cpu")
+            os.makedirs(args.output_dir, exist_ok=True)
+            # The Hub's layout for a split "train": `load_dataset(OUT_DIR)` and the dataset viewer find it.
+            path = os.path.join(args.output_dir, "data", "train-00000-of-00001.parquet")
+            with tempfile.TemporaryDirectory(dir=args.output_dir) as cache:  # the rows' Arrow copy, gone once written
+                dataset = library.to_dataset(cache_dir=cache)
+                dataset.to_parquet(path)
+                print(f"{path}: {len(dataset)} windows of {len(library.live_keys())} files, "
+                      f"{os.path.getsize(path) / len(dataset) / 1024:.1f} KiB per window")  # fmt: skip
+                if args.push_to_hub:
+                    dataset.push_to_hub(args.push_to_hub, private=args.private or None)
+                    print(f"Pushed to https://huggingface.co/datasets/{args.push_to_hub}")
         else:
             device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
             library = AudioLibrary.load(args.library, device=device)
