@@ -5,10 +5,11 @@ the model's Hugging Face Space.
 
     python app.py --model DIR_OR_HUB_ID --library LIBRARY_DIR [--sounds DIR] [--port 7860] [--host 127.0.0.1]
 
-Tabs: Search (a text → the best files, each with a player, its score and where its best window starts), Similar (an
-uploaded or recorded clip → files that sound like it), Classify (a clip and comma-separated labels → ranked labels) and
-Library (what is indexed, and the files that could not be read). The named API endpoints `/search`, `/similar` and
-`/classify` serve `gradio_client`. Offline-safe: no analytics, no share link, no server-side rendering; gradio 6.17 and
+Tabs: Search (a text → the best files, each with a player, its score, where its best window starts and its caption when
+the library stores captions), Similar (an uploaded or recorded clip → files that sound like it), Describe (a clip → the
+model's caption of it, window by window beyond 30 s), Classify (a clip and comma-separated labels → ranked labels) and
+Library (what is indexed, and the files that could not be read). The named API endpoints `/search`, `/similar`,
+`/describe` and `/classify` serve `gradio_client`. Offline-safe: no analytics, no share link, no server-side rendering; gradio 6.17 and
 newer bundle their fonts.
 
 Run with no arguments (as a Space runs it), `app_defaults.json` beside this file names the model and the library folder
@@ -28,7 +29,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from audio_io import AudioLoadError, load_audio  # noqa: E402
+from audio_io import AudioLoadError, caption_spans, load_audio  # noqa: E402
 from audio_library import AudioLibrary, SearchHit, load_model  # noqa: E402
 
 
@@ -58,6 +59,16 @@ class SoundSearchApp:
         self._clip(audio_path)
         return [_as_json(hit) for hit in self.library.similar(audio_path, k=self._k(k))]
 
+    def describe(self, audio_path: str | None) -> list[dict]:
+        """The model's caption of a clip: `[{"start_seconds", "caption"}]`, one part per window beyond 30 s."""
+        from captioning import caption_waveforms
+
+        waveform = self._clip(audio_path)
+        rate = self.library.sampling_rate
+        spans = caption_spans(len(waveform), rate)
+        captions = caption_waveforms(self.library.model, self.library.processor, [waveform[a:b] for a, b in spans])
+        return [{"start_seconds": round(a / rate, 2), "caption": caption} for (a, _), caption in zip(spans, captions)]
+
     @torch.no_grad()
     def classify(self, audio_path: str | None, labels: str) -> dict[str, float]:
         names = [label.strip() for label in (labels or "").split(",") if label.strip()]
@@ -73,10 +84,10 @@ class SoundSearchApp:
         return dict(zip(names, scores.tolist()))
 
     def summary(self) -> tuple[str, list[list], list[list]]:
-        """The library as Markdown, its files `[name, seconds, windows, folder]` and its unreadable files."""
+        """The library as Markdown, its files `[name, seconds, windows, folder, caption]` and its unreadable files."""
         library, config = self.library, self.library.config
-        rows = [[os.path.basename(f["path"]), round(f["seconds"], 2), f["windows"], os.path.dirname(f["path"])]
-                for f in library.stored_files()]  # fmt: skip
+        rows = [[os.path.basename(f["path"]), round(f["seconds"], 2), f["windows"], os.path.dirname(f["path"]),
+                 f["caption"] or ""] for f in library.stored_files()]  # fmt: skip
         failures = [[f["audio"], f["reason"]] for f in library.failures()]
         tokens = "BEATs tokens stored for re-ranking." if config["keep_tokens"] else "No stored tokens."
         text = (
@@ -118,9 +129,18 @@ def _results_view(hits: list[dict] | None):
         with gr.Row(equal_height=True):
             where = f" · from {hit['start_seconds']:.1f} s" if hit["start_seconds"] else ""
             match = f" · match logit {hit['match_logit']:.2f}" if hit.get("match_logit") is not None else ""
-            gr.Markdown(f"**{rank}. {os.path.basename(hit['file'])}**  \nscore {hit['score']:.3f}{match}{where}",
+            caption = f"  \n*{hit['caption']}*" if hit.get("caption") else ""
+            gr.Markdown(f"**{rank}. {os.path.basename(hit['file'])}**  \nscore {hit['score']:.3f}{match}{where}{caption}",
                         elem_classes="hit")  # fmt: skip
             gr.Audio(hit["file"], show_label=False, interactive=False, elem_classes="hit-audio")
+
+
+def _captions_view(parts: list[dict] | None):
+    if not parts:
+        return
+    for part in parts:
+        where = f"from {part['start_seconds']:.1f} s: " if len(parts) > 1 else ""
+        gr.Markdown(f"{where}**{part['caption']}**", elem_classes="caption")
 
 
 def build_app(app: SoundSearchApp) -> gr.Blocks:
@@ -149,6 +169,14 @@ def build_app(app: SoundSearchApp) -> gr.Blocks:
             with gr.Column(elem_id="similar-results"):
                 gr.render(inputs=similar_hits)(_results_view)
             find.click(app.similar, [clip, similar_k], similar_hits, api_name="similar")
+        with gr.Tab("Describe"):
+            describe_clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip",
+                                     elem_id="describe-clip")  # fmt: skip
+            describe = gr.Button("Describe this sound", variant="primary", elem_id="describe-button")
+            parts = gr.JSON(visible=False)
+            with gr.Column(elem_id="describe-results"):
+                gr.render(inputs=parts)(_captions_view)
+            describe.click(app.describe, [describe_clip], parts, api_name="describe")
         with gr.Tab("Classify"):
             classify_clip = gr.Audio(sources=["upload", "microphone"], type="filepath", label="A clip")
             labels = gr.Textbox(label="Labels, comma-separated", placeholder="a dog barking, rain, a car engine")
@@ -158,7 +186,8 @@ def build_app(app: SoundSearchApp) -> gr.Blocks:
         with gr.Tab("Library"):
             text, rows, failures = app.summary()
             gr.Markdown(text, elem_id="library-summary")
-            gr.Dataframe(rows[:1000], headers=["file", "seconds", "windows", "folder"], label="Files (first 1000)")
+            gr.Dataframe(rows[:1000], headers=["file", "seconds", "windows", "folder", "caption"],
+                         label="Files (first 1000)")  # fmt: skip
             gr.Dataframe(failures, headers=["file", "why it was skipped"], label="Files that could not be read")
     return blocks
 
@@ -174,7 +203,8 @@ def open_library(library_dir: str, model: str | None, sounds: str | None) -> Aud
         library = AudioLibrary.load(library_dir, model)
     elif model:
         loaded, processor = load_model(model)
-        library = AudioLibrary(library_dir, loaded, processor, model, create=True)
+        # With captions: the app shows each hit's caption (generated once, as the file is embedded).
+        library = AudioLibrary(library_dir, loaded, processor, model, create=True, captions=True)
     else:
         raise SystemExit(f"app.py: no library at {library_dir}; give --model (and --sounds) to build one.")
     if sounds:

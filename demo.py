@@ -4,9 +4,11 @@
     1. generate the captioned synthetic sound set (train / validation / held-out library);
     2. `accelerate launch train.py --preset demo`: BEATs features into the cache, then the Q-Former (initialised from
        the packaged MiniLM-L6) trained with ATC + ATM + ATG, showing losses and validation metrics;
-    3. `evaluate_retrieval.py` on the held-out library: the report's Table 1 layout (ATC, ATC + re-rank 16) and chance;
+    3. `evaluate_retrieval.py --captions` on the held-out library: the report's Table 1 layout (ATC, ATC + re-rank 16)
+       and chance, then the same model as a captioner (BLEU-4, the attributes its captions name right, against chance);
     4. the saved model reloaded in a fresh process with `AutoModel.from_pretrained(..., trust_remote_code=True)`;
-    5. `audio-qformer index` / `search` on the library, the top files printed with their captions.
+    5. `audio-qformer index --captions` / `search` on the library, the top files printed with their reference captions
+       and the model's own.
 
 Nothing is downloaded: BEATs has the iter3+ layout at a small size with random weights (no official checkpoint here),
 the Q-Former starts from MiniLM-L6. A rerun reuses the data, the feature cache and the finished training.
@@ -97,8 +99,8 @@ def main(argv=None):
     table_json = os.path.join(work, "table.json")
     run([python, "evaluate_retrieval.py", "--model", model_dir, "--audiofolder", os.path.join(data, "library"),
          "--feature_cache_dir", os.path.join(work, "cache"), "--output_json", table_json,
-         "--relevance_column", "attributes"],
-        "3. Evaluate on the held-out library (the report's Table 1 layout)")  # fmt: skip
+         "--relevance_column", "attributes", "--captions"],
+        "3. Evaluate on the held-out library (the report's Table 1 layout; then captioning)")  # fmt: skip
 
     clip = sorted(captions_of(os.path.join(data, "library")))[0]
     check = run([python, "-c", RELOAD_CHECK.format(model=model_dir, clip=clip)],
@@ -106,8 +108,14 @@ def main(argv=None):
                 cwd=work)  # fmt: skip
     reloaded = json.loads(check.stdout.strip().splitlines()[-1])
 
-    run([python, "audio_search.py", "--library", library, "index", os.path.join(data, "library"), "--model", model_dir],
-        "5. Index the library with the CLI")  # fmt: skip
+    library_config = os.path.join(library, "library.json")
+    if os.path.exists(library_config) and not json.load(open(library_config)).get("captions"):
+        import shutil
+
+        print(f"{library} was indexed before the demo stored captions: indexing it again")
+        shutil.rmtree(library)
+    run([python, "audio_search.py", "--library", library, "index", os.path.join(data, "library"), "--model", model_dir,
+         "--captions"], "5. Index the library with the CLI (with the model's captions)")  # fmt: skip
     import numpy as np
 
     from feature_cache import FeatureCache, clip_key
@@ -127,7 +135,7 @@ def main(argv=None):
         print(f"\n  {result['query']!r}")
         for rank, hit in enumerate(result["results"], 1):
             print(f"    {rank}. {os.path.basename(hit['path'])}  cosine {hit['score']:5.3f}  "
-                  f"[{captions.get(hit['path'], '?')}]")  # fmt: skip
+                  f"[{captions.get(hit['path'], '?')}]\n         model's caption: {hit['caption']}")  # fmt: skip
 
     with open(table_json) as handle:
         table = json.load(handle)
@@ -135,13 +143,17 @@ def main(argv=None):
     atc = table["results"]["ATC"]
     print(f"\n=== Done in {minutes:.1f} min. Held-out library ({table['clips']} clips, {table['queries']} captions): "
           f"R@1 {100 * atc['R@1']:.1f}% (chance {100 * table['chance']['R@1']:.1f}%), "
-          f"mAP@10 {100 * atc['mAP@10']:.1f}% (chance {100 * table['chance']['mAP@10']:.1f}%).")  # fmt: skip
+          f"mAP@10 {100 * atc['mAP@10']:.1f}% (chance {100 * table['chance']['mAP@10']:.1f}%). Captions: BLEU-4 "
+          f"{100 * table['captioning']['BLEU-4']:.1f}; the sound named right in "
+          f"{100 * table['captioning']['attributes_named_right']['sound']:.0f}% (chance "
+          f"{100 * table['captioning']['attributes_chance']['sound']:.0f}%).")  # fmt: skip
     print(f"""
 Next steps
   Search your own sounds:
     audio-qformer --library my-library index /path/to/sounds --model {model_dir}
     audio-qformer --library my-library search "a dog barks while cars pass by" -k 10 --rerank 16
     audio-qformer --library my-library similar /path/to/sounds/example.wav
+    audio-qformer caption /path/to/sounds/example.wav --model {model_dir}
   Train the report's system (official BEATs checkpoint, bert-base-uncased; AudioCaps + Clotho):
     python convert_beats_checkpoint.py --checkpoint BEATs_iter3_plus_AS2M.pt --output_dir beats-iter3-plus
     accelerate launch train.py --preset stage1 --beats_checkpoint beats-iter3-plus --bert bert-base-uncased \\

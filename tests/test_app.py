@@ -76,6 +76,7 @@ def assert_same_hits(got: list[dict], hits):
     for g, h in zip(got, hits):
         assert (g["score"], g["cosine"], g["start_seconds"]) == pytest.approx((h.score, h.cosine, h.start_seconds))
         assert (g["match_logit"] is None) == (h.match_logit is None)
+        assert g["caption"] == h.caption and h.caption  # the app builds libraries with captions
 
 
 def test_endpoints_equal_the_library(client, library, sounds, saved_model):
@@ -83,7 +84,7 @@ def test_endpoints_equal_the_library(client, library, sounds, saved_model):
     from transformers import pipeline
 
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/search", "/similar", "/classify"}  # fmt: skip
+        "/search", "/similar", "/describe", "/classify"}  # fmt: skip
     for rerank in (False, True):
         got = client.predict("a rising whistle", 4, rerank, api_name="/search")
         assert_same_hits(got, library.search(["a rising whistle"], k=4, rerank=16 * rerank)[0])
@@ -102,6 +103,11 @@ def test_endpoints_equal_the_library(client, library, sounds, saved_model):
     assert got["label"] == expected[0]["label"]
     assert {c["label"]: c["confidence"] for c in got["confidences"]} == pytest.approx(
         {r["label"]: r["score"] for r in expected}, abs=1e-5)  # fmt: skip
+    # Describe: the caption command's captions of the same file (one part within 30 s)
+    from captioning import caption_files
+
+    got = client.predict(handle_file(long_clip), api_name="/describe")
+    assert got == caption_files(library.model, library.processor, [long_clip])[0]["captions"]
 
 
 def test_bad_input_gives_a_message_and_the_app_keeps_serving(client, sounds, tmp_path, monkeypatch):
@@ -122,6 +128,7 @@ def test_bad_input_gives_a_message_and_the_app_keeps_serving(client, sounds, tmp
         ((handle_file(str(long)), 3, "/similar"), "longer than"),
         ((handle_file(str(sounds / "clip1.wav")), " , ", "/classify"), "Give at least one label"),
         ((None, "rain", "/classify"), "Upload or record a clip first"),
+        ((handle_file(str(silent)), "/describe"), "The clip is silent"),
     ]
     for (*inputs, endpoint), message in cases:
         with pytest.raises(AppError, match=message):

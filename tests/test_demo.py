@@ -19,6 +19,7 @@ def test_demo_end_to_end_small(tmp_path):
         assert step in out
     # The Table 1 layout with both systems and chance, and the JSON beside it.
     assert "| ATC " in out and "| ATC + re-rank top 16" in out and "| chance" in out
+    assert "Captioning on library: 12 clips" in out and "| sound |" in out and out.count("model's caption: ") == 12
     table = json.loads((work / "table.json").read_text())
     assert table["clips"] == 12 and table["queries"] == 36
     assert set(table["results"]) == {"ATC", "ATC + re-rank top 16"}
