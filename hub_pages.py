@@ -25,7 +25,8 @@ import sys
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-MODEL_TAGS = ["custom_code", "audio", "zero-shot-audio-classification", "text-to-audio-retrieval", "beats", "q-former"]
+MODEL_TAGS = ["custom_code", "audio", "zero-shot-audio-classification", "text-to-audio-retrieval", "audio-captioning", "beats",
+              "q-former"]
 # What a Space installs besides the gradio its sdk brings.
 SPACE_REQUIREMENTS = [
     "torch>=2.6",
@@ -128,6 +129,13 @@ classifier = pipeline("zero-shot-audio-classification", model="{model_id}", trus
 classifier(waveform_16khz, candidate_labels=["a dog barking", "rain", "a car engine"])
 ```
 
+Captions, from the caption head trained with ATG (beam search with 3 beams by default, as LAVIS; any `generate` option):
+
+```python
+ids = model.generate(**audio)
+processor.batch_decode(ids, skip_special_tokens=True)           # ["a dog barks while cars pass by"]
+```
+
 ### Inference Endpoints
 
 This repository holds `handler.py`, so an Inference Endpoint deployed from it serves the model (its
@@ -145,7 +153,8 @@ curl $ENDPOINT_URL -H "Authorization: Bearer $HF_TOKEN" -H "Content-Type: applic
 `parameters.task` chooses the work: `zero-shot-audio-classification` (the default with labels),
 `audio-embedding` (the default without; `{{"audio_embeds": windows x 32 x 256, "window_starts": [...], "duration": s}}`), `text-embedding`
 (`{{"inputs": {{"text": ["..."]}}}}` → `{{"text_embeds": [...]}}`) and `text-to-audio-ranking` (`{{"inputs": {{"text":
-[...], "audio": [base64, ...]}}}}` → per text, the clips best first). Bad input gets an error that says what is wrong.
+[...], "audio": [base64, ...]}}}}` → per text, the clips best first) and `caption` (→ `[{{"start_seconds",
+"caption"}}]`, one per 10.24 s window beyond 30 s). Bad input gets an error that says what is wrong.
 
 ### The Space
 

@@ -163,6 +163,7 @@ def test_model_card_is_truthful(tmp_path):
     for section in ("## How to use", "### Inference Endpoints", "### The Space", "## Training", "## Results", "## Limits"):
         assert section in card.text
     assert "spaces/you/search" in card.text and "AutoModel.from_pretrained(\"you/audio-qformer\"" in card.text
+    assert "model.generate(**audio)" in card.text and "audio-captioning" in data["tags"]
 
 
 def wait_for_server(url: str, process, seconds=180):
