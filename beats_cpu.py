@@ -91,16 +91,19 @@ def fast_precision_for(flags: set[str]) -> tuple[str, str]:
 
 
 @functools.cache
-def _onednn_linear():
-    """oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) if this torch build has one that works, else None."""
+def _onednn_linear(dtype: torch.dtype = torch.float32):
+    """
+    oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) if this torch build has one that works in `dtype`, else
+    None. In bfloat16 it needs AVX-512 (or AVX-NE-CONVERT): on an AVX2-only CPU oneDNN has no bfloat16 product.
+    """
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return None
     try:  # a private op: its signature may differ between torch builds
         with torch.inference_mode():
-            op(torch.ones(1, 4), torch.ones(2, 4), torch.zeros(2), "none", [], "")
+            op(torch.ones(1, 4, dtype=dtype), torch.ones(2, 4, dtype=dtype), torch.zeros(2, dtype=dtype), "none", [], "")
     except (RuntimeError, TypeError) as error:
-        logger.warning(f"oneDNN linear unavailable ({error}); the CPU copy uses torch.nn.functional.linear.")
+        logger.warning(f"oneDNN {dtype} linear unavailable ({error}); the CPU copy uses torch.nn.functional.linear.")
         return None
     return op
 
@@ -136,10 +139,7 @@ class OneDnnLinear(nn.Linear):
         # Inference tensors (weights copied under `torch.inference_mode`) keep no version counter.
         key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
         if self.__dict__.get("_packed_key") != key:
-            try:
-                self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-            except RuntimeError:  # no bfloat16 layout without AVX-512 or AVX-NE-CONVERT: oneDNN emulates, unpacked
-                self._packed_weight = self.weight.detach()
+            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
             self._packed_key = key
         return self._packed_weight
 
@@ -151,7 +151,7 @@ class OneDnnLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input = input.to(self.weight.dtype)
-        op = _onednn_linear()
+        op = _onednn_linear(self.weight.dtype)
         if (
             op is None
             or input.device.type != "cpu"

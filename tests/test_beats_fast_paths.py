@@ -246,7 +246,7 @@ def test_onednn_linear_equals_f_linear(dtype):
     assert output.dtype == dtype
     torch.testing.assert_close(output.float(), reference, **tolerance)
     torch.testing.assert_close(activated.float(), F.gelu(reference), **tolerance)  # exact (erf) GELU, not tanh
-    if dtype == torch.bfloat16 and _onednn_linear() is not None:
+    if dtype == torch.bfloat16 and _onednn_linear(dtype) is not None:
         assert linear.__dict__.get("_packed_weight") is not None  # the oneDNN path ran, with the packed weight
     with torch.enable_grad():  # autograd takes F.linear
         assert OneDnnLinear.from_linear(plain, dtype).requires_grad_()(x).grad_fn is not None
