@@ -2,24 +2,33 @@
 """BEATs on the CPU, faster: converted copies of a loaded `BeatsModel` for inference (indexing a sound library).
 
     from beats_cpu import cpu_copy
-    fast_beats, precision = cpu_copy(model.audio_model, "fast")   # bfloat16 where the CPU has bfloat16 units
+    fast_beats, precision = cpu_copy(model.audio_model, "fast")   # bfloat16, int8 or float32: see below
 
-This module stays local: it is not saved with models, because it calls oneDNN through private torch ops
-(`torch.ops.mkldnn`), which the model files that run as Hub remote code must not. `modeling_audio_qformer.BeatsModel`
-itself uses public torch only; a copy made here has the same parameters and modules, some of them replaced:
+This module stays local: it is not saved with models, because it calls oneDNN and fbgemm through private or deprecated
+torch ops (`torch.ops.mkldnn`, `torch.ops.quantized`), which the model files that run as Hub remote code must not.
+`modeling_audio_qformer.BeatsModel` itself uses public torch only; a copy made here has the same parameters and
+modules, some of them replaced:
 
 - `"float32"`: every linear layer runs through oneDNN's float32 product instead of `F.linear`'s MKL one (the same
   arithmetic, outputs differing by rounding, ~1e-6), and `fc1` applies the exact GELU as a oneDNN post-op;
 - `"bfloat16"`: in the transformer layers the linear layers and the positional convolution hold bfloat16 weights
   (oneDNN's packed layout for the products) and the attention runs as two bfloat16 products
-  (`bfloat16_products_attention`); patch embedding, residuals and layer norms stay float32, the output is float32.
+  (`bfloat16_products_attention`); patch embedding, residuals and layer norms stay float32, the output is float32;
+- `"int8"`: the transformer layers' projections (query, key, value, output, fc1, fc2) multiply in int8 through
+  fbgemm (`DynamicInt8Linear`: weights per output channel, inputs quantized per call); the position gates, patch
+  embedding, positional convolution, attention, norms and residuals stay float32, and so does the output.
 
-Measured on 2-core CPUs with bfloat16 units (AVX512-BF16 or AMX) the bfloat16 copy ran 2.2-2.7x the official code
-and its tokens kept a cosine above 0.99999 to the exact ones (`benchmarks/beats_speed.py`, `benchmarks/RESULTS.md`).
-Without such units bfloat16 is emulated and ran eleven times slower than float32 (an AVX2-only CPU), so `"fast"`
-takes the float32 copy there and says so.
+`"fast"` picks by the CPU's flags (`choose_fast_precision`): bfloat16 where it has bfloat16 units (AVX512-BF16 or
+AMX); int8 elsewhere with AVX2 (there oneDNN has no bfloat16 product: bfloat16 ran 6-8x slower than float32 with the
+CPU capped at AVX2, 11x on a real AVX2-only CPU); and it keeps that choice only if its products measured at least
+`MIN_PRODUCT_SPEEDUP` times float32's on this CPU (one thread, a few milliseconds, once per process). Otherwise, or
+without AVX2, the exact float32 copy, with a warning saying why.
+
+Measured (`benchmarks/beats_speed.py`, `benchmarks/RESULTS.md`; random paper-size weights, 10 s clips, one thread):
+on a Xeon with AMX, bfloat16 ran 3.1x / 2.5x the exact copy at batch 1 / 8 and int8 1.75x / 1.68x; with that Xeon
+capped at AVX2 (`--emulate_avx2`) int8 ran 1.48x / 1.35x. Q-Former embeddings from the tokens against those from the
+exact tokens: cosine 0.9999996 (bfloat16) and 0.999998 (int8).
 """
-
 import copy
 import functools
 import statistics
@@ -101,7 +110,8 @@ def _onednn_linear(dtype: torch.dtype = torch.float32):
         return None
     try:  # a private op: its signature may differ between torch builds
         with torch.inference_mode():
-            op(torch.ones(1, 4, dtype=dtype), torch.ones(2, 4, dtype=dtype), torch.zeros(2, dtype=dtype), "none", [], "")
+            weight, bias = torch.ones(2, 4, dtype=dtype), torch.zeros(2, dtype=dtype)
+            op(torch.ones(1, 4, dtype=dtype), weight, bias, "none", [], "")
     except (RuntimeError, TypeError) as error:
         logger.warning(f"oneDNN {dtype} linear unavailable ({error}); the CPU copy uses torch.nn.functional.linear.")
         return None

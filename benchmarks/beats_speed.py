@@ -106,8 +106,11 @@ def cpu_features(precision_reason: tuple[str, str], width: int, ffn_width: int) 
         "fast_precision": precision_reason[0],
         "fast_reason": precision_reason[1],
         # one thread, fc1's shape (496 x 768 -> 3072): the measurement `choose_fast_precision` makes
-        "product_speedup": {precision: product_speedup(precision, width, ffn_width) for precision in ("bfloat16", "int8")
-                            if precision != "int8" or beats_cpu.int8_available()},  # fmt: skip
+        "product_speedup": {
+            precision: product_speedup(precision, width, ffn_width)
+            for precision in ("bfloat16", "int8")
+            if precision != "int8" or beats_cpu.int8_available()
+        },
     }
     return features
 
@@ -200,10 +203,10 @@ def main():
     chosen = choose_fast_precision(config.encoder_embed_dim, config.encoder_ffn_embed_dim)
     fast, fast_precision = cpu_copy(model, "fast")
     features = cpu_features(chosen, config.encoder_embed_dim, config.encoder_ffn_embed_dim)
+    emulation = " ".join(f"{name}={value}" for name, value in features["emulation_env"].items())
     print(
         f"CPU features: {', '.join(features['flags']) or 'none of ' + ', '.join(FEATURE_FLAGS)}; torch kernels "
-        f"{features['aten_capability']}"
-        + (f"; emulating AVX2: {' '.join(f'{k}={v}' for k, v in features['emulation_env'].items())}" if args.emulate_avx2 else "")
+        f"{features['aten_capability']}" + (f"; emulating AVX2: {emulation}" if args.emulate_avx2 else "")
     )
     print(
         "one-thread product speed over float32 (496 x 768 -> 3072): "
