@@ -112,8 +112,9 @@ def main(argv=None):
     index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
     index.add_argument("--hop_seconds", type=float, default=HOP_SECONDS)
     index.add_argument("--fast_cpu", action="store_true",
-                       help="New library: embed with BEATs' bfloat16 CPU copy (1.5-1.7x faster, ~exact) where the "
-                            "CPU has bfloat16 units; elsewhere the exact path, with a warning.")
+                       help="New library: embed with BEATs' fast CPU copy (~exact): bfloat16 where the CPU has "
+                            "bfloat16 units, int8 elsewhere with AVX2; the exact path (with a warning) where neither "
+                            "measures faster.")
     index.add_argument("--vector_index", action="store_true",
                        help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
     index.add_argument("--captions", action="store_true",

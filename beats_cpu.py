@@ -2,26 +2,38 @@
 """BEATs on the CPU, faster: converted copies of a loaded `BeatsModel` for inference (indexing a sound library).
 
     from beats_cpu import cpu_copy
-    fast_beats, precision = cpu_copy(model.audio_model, "fast")   # bfloat16 where the CPU has bfloat16 units
+    fast_beats, precision = cpu_copy(model.audio_model, "fast")   # bfloat16, int8 or float32: see below
 
-This module stays local: it is not saved with models, because it calls oneDNN through private torch ops
-(`torch.ops.mkldnn`), which the model files that run as Hub remote code must not. `modeling_audio_qformer.BeatsModel`
-itself uses public torch only; a copy made here has the same parameters and modules, some of them replaced:
+This module stays local: it is not saved with models, because it calls oneDNN and fbgemm through private or deprecated
+torch ops (`torch.ops.mkldnn`, `torch.ops.quantized`), which the model files that run as Hub remote code must not.
+`modeling_audio_qformer.BeatsModel` itself uses public torch only; a copy made here has the same parameters and
+modules, some of them replaced:
 
 - `"float32"`: every linear layer runs through oneDNN's float32 product instead of `F.linear`'s MKL one (the same
   arithmetic, outputs differing by rounding, ~1e-6), and `fc1` applies the exact GELU as a oneDNN post-op;
 - `"bfloat16"`: in the transformer layers the linear layers and the positional convolution hold bfloat16 weights
   (oneDNN's packed layout for the products) and the attention runs as two bfloat16 products
-  (`bfloat16_products_attention`); patch embedding, residuals and layer norms stay float32, the output is float32.
+  (`bfloat16_products_attention`); patch embedding, residuals and layer norms stay float32, the output is float32;
+- `"int8"`: the transformer layers' projections (query, key, value, output, fc1, fc2) multiply in int8 through
+  fbgemm (`DynamicInt8Linear`: weights per output channel, inputs quantized per call); the position gates, patch
+  embedding, positional convolution, attention, norms and residuals stay float32, and so does the output.
 
-Measured on 2-core CPUs with bfloat16 units (AVX512-BF16 or AMX) the bfloat16 copy ran 2.2-2.7x the official code
-and its tokens kept a cosine above 0.99999 to the exact ones (`benchmarks/beats_speed.py`, `benchmarks/RESULTS.md`).
-Without such units bfloat16 is emulated and ran eleven times slower than float32 (an AVX2-only CPU), so `"fast"`
-takes the float32 copy there and says so.
+`"fast"` picks by the CPU's flags (`choose_fast_precision`): bfloat16 where it has bfloat16 units (AVX512-BF16 or
+AMX); int8 elsewhere with AVX2 (there oneDNN has no bfloat16 product: bfloat16 ran 6-8x slower than float32 with the
+CPU capped at AVX2, 11x on a real AVX2-only CPU); and it keeps that choice only if its products measured at least
+`MIN_PRODUCT_SPEEDUP` times float32's on this CPU (one thread, a few milliseconds, once per process). Otherwise, or
+without AVX2, the exact float32 copy, with a warning saying why.
+
+Measured (`benchmarks/beats_speed.py`, `benchmarks/RESULTS.md`; random paper-size weights, 10 s clips, one thread):
+on a Xeon with AMX, bfloat16 ran 3.1x / 2.5x the exact copy at batch 1 / 8 and int8 1.75x / 1.68x; with that Xeon
+capped at AVX2 (`--emulate_avx2`) int8 ran 1.48x / 1.35x. Q-Former embeddings from the tokens against those from the
+exact tokens: cosine 0.9999996 (bfloat16) and 0.999998 (int8).
 """
-
 import copy
 import functools
+import statistics
+import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +45,11 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 PRODUCTS_ATTENTION = "beats_cpu_bfloat16_products"
+BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}
+# `"fast"` keeps a lower precision only if BEATs' largest product (fc1's shape, one 10 s clip: 496 tokens) ran at
+# least this much faster in it than in float32 when measured; the products are ~85% of BEATs' time (layer norms,
+# attention, convolutions stay as they are), so 1.2x there can never make the whole model slower.
+MIN_PRODUCT_SPEEDUP = 1.2
 
 
 def cpu_flags() -> set[str]:
@@ -49,20 +66,54 @@ def cpu_flags() -> set[str]:
 
 def cpu_has_bfloat16_units() -> bool:
     """Whether bfloat16 products run in hardware here (AVX512-BF16 or AMX), rather than emulated."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return bool(BFLOAT16_FLAGS & cpu_flags())
 
 
 @functools.cache
-def _onednn_linear():
-    """oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) if this torch build has one that works, else None."""
+def int8_available() -> bool:
+    """Whether this torch build has fbgemm's dynamic int8 linear (x86 CPUs with AVX2 or better)."""
+    if not {"fbgemm", "x86"} & set(torch.backends.quantized.supported_engines):
+        return False
+    linear = nn.Linear(4, 2, device="meta")
+    linear.weight, linear.bias = nn.Parameter(torch.ones(2, 4)), nn.Parameter(torch.zeros(2))
+    try:
+        with torch.inference_mode():
+            DynamicInt8Linear.from_linear(linear)(torch.ones(1, 4))
+    except (RuntimeError, AttributeError) as error:
+        logger.warning(f"Dynamic int8 linear unavailable ({error}).")
+        return False
+    return True
+
+
+def fast_precision_for(flags: set[str]) -> tuple[str, str]:
+    """
+    The precision `cpu_copy(..., "fast")` tries first on a CPU with these flags, and why. bfloat16 where products
+    run on bfloat16 units; elsewhere int8 (fbgemm's int8 products need AVX2; bfloat16 would be emulated, eleven times
+    slower than float32 on an AVX2-only CPU); else float32.
+    """
+    units = sorted(BFLOAT16_FLAGS & flags)
+    if units:
+        return "bfloat16", f"bfloat16 units ({', '.join(units)})"
+    if "avx2" in flags and int8_available():
+        return "int8", "no bfloat16 units (avx512_bf16 or amx_bf16); int8 products (fbgemm, AVX2)"
+    return "float32", "neither bfloat16 units (avx512_bf16 or amx_bf16) nor AVX2 for int8 products"
+
+
+@functools.cache
+def _onednn_linear(dtype: torch.dtype = torch.float32):
+    """
+    oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) if this torch build has one that works in `dtype`, else
+    None. In bfloat16 it needs AVX-512 (or AVX-NE-CONVERT): on an AVX2-only CPU oneDNN has no bfloat16 product.
+    """
     op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         return None
     try:  # a private op: its signature may differ between torch builds
         with torch.inference_mode():
-            op(torch.ones(1, 4), torch.ones(2, 4), torch.zeros(2), "none", [], "")
+            weight, bias = torch.ones(2, 4, dtype=dtype), torch.zeros(2, dtype=dtype)
+            op(torch.ones(1, 4, dtype=dtype), weight, bias, "none", [], "")
     except (RuntimeError, TypeError) as error:
-        logger.warning(f"oneDNN linear unavailable ({error}); the CPU copy uses torch.nn.functional.linear.")
+        logger.warning(f"oneDNN {dtype} linear unavailable ({error}); the CPU copy uses torch.nn.functional.linear.")
         return None
     return op
 
@@ -110,7 +161,7 @@ class OneDnnLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input = input.to(self.weight.dtype)
-        op = _onednn_linear()
+        op = _onednn_linear(self.weight.dtype)
         if (
             op is None
             or input.device.type != "cpu"
@@ -140,6 +191,53 @@ class CastingConv1d(nn.Conv1d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(input.to(self.weight.dtype), self.weight, self.bias)
+
+
+class DynamicInt8Linear(nn.Linear):
+    """
+    A linear layer for CPU inference with int8 products (fbgemm's dynamic quantization): the weight is quantized once
+    per output channel (symmetric, to int8), each call quantizes its input per tensor (to 7 bits, so that AVX2's
+    16-bit pair sums cannot saturate: the same numbers with and without VNNI), multiplies in int8 with int32 sums and
+    returns float32. With autograd, on another device or for another dtype: `F.linear` on the float32 weight.
+
+    The float32 weight stays the parameter (so `weight.dtype` still names the residual stream's dtype); the packed int8
+    copy is built on first use and rebuilt when the weight changes, and copies and pickles leave it out, as
+    `OneDnnLinear` does with its packed bfloat16 weight.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float32) -> "DynamicInt8Linear":
+        """A copy of `linear` (float32 parameters; `dtype` is accepted for symmetry with `OneDnnLinear`)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        return new
+
+    def _packed_params(self):
+        key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
+        if self.__dict__.get("_packed_key") != key:
+            weight = self.weight.detach()
+            scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+            zero_points = torch.zeros_like(scales, dtype=torch.long)
+            with warnings.catch_warnings():  # quantized tensors are deprecated in torch, yet fbgemm's packing takes them
+                warnings.simplefilter("ignore")
+                quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+                bias = None if self.bias is None else self.bias.detach()
+                self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
+            self._packed_key = key
+        return self._packed
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_packed", None)
+        state.pop("_packed_key", None)
+        return state
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.device.type != "cpu" or input.dtype != torch.float32 or torch.is_grad_enabled():
+            return F.linear(input, self.weight, self.bias)
+        return torch.ops.quantized.linear_dynamic(input, self._packed_params(), True)  # True: 7-bit inputs
 
 
 def bfloat16_products_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -172,6 +270,61 @@ def bfloat16_products_attention(module, query, key, value, attention_mask, scali
 AttentionInterface.register(PRODUCTS_ATTENTION, bfloat16_products_attention)
 
 
+def _linear_copy(linear: nn.Linear, precision: str, gelu: bool = False) -> nn.Linear:
+    if precision == "int8":
+        return DynamicInt8Linear.from_linear(linear)
+    return OneDnnLinear.from_linear(linear, torch.bfloat16 if precision == "bfloat16" else torch.float32, gelu=gelu)
+
+
+@functools.cache
+def product_speedup(precision: str, in_features: int, out_features: int, rows: int = 496, repeats: int = 5) -> float:
+    """
+    How many times faster a `(rows, in_features) x (in_features, out_features)` product runs in `precision` than in
+    float32 here, as this module's linear layers compute them (median of `repeats` interleaved calls each; 0.0 where
+    the lower precision fails). Cached per shape.
+
+    Measured on one thread: split over threads, a product waits for the slowest, and on a CPU shared with other jobs
+    the ratio swung from 1.2x to 15x for bfloat16 (two threads, a loaded 2-core machine) where one thread gave 6.4-7.0x.
+    """
+    generator = torch.Generator().manual_seed(0)  # random numbers that leave the caller's generator alone
+    linear = nn.Linear(in_features, out_features, device="meta")
+    linear.weight = nn.Parameter(torch.randn(out_features, in_features, generator=generator) * in_features**-0.5)
+    linear.bias = nn.Parameter(torch.zeros(out_features))
+    sides = {name: _linear_copy(linear, name) for name in ("float32", precision)}
+    seconds = {name: [] for name in sides}
+    input = torch.randn(rows, in_features, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats + 1):  # the first round warms up (packing, oneDNN's kernel generation)
+                for name, side in sides.items():
+                    start = time.perf_counter()
+                    side(input)
+                    seconds[name].append(time.perf_counter() - start)
+    except RuntimeError as error:  # e.g. bfloat16 packing where oneDNN finds no bfloat16 support
+        logger.warning(f"{precision} products failed here ({error}).")
+        return 0.0
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(seconds["float32"][1:]) / statistics.median(seconds[precision][1:])
+
+
+def choose_fast_precision(width: int, ffn_width: int) -> tuple[str, str]:
+    """
+    The precision of `cpu_copy(..., "fast")` for a BEATs of this width and feed-forward width, and why: the CPU's
+    flags name a candidate (`fast_precision_for`), kept only if its largest product measured at least
+    `MIN_PRODUCT_SPEEDUP` times float32's here (so the fast copy never runs slower than the exact one), else float32.
+    """
+    precision, reason = fast_precision_for(cpu_flags())
+    if precision == "float32":
+        return precision, reason
+    speedup = product_speedup(precision, width, ffn_width)
+    if speedup < MIN_PRODUCT_SPEEDUP:
+        return "float32", f"{reason}, but they measured {speedup:.2f}x float32's speed here (< {MIN_PRODUCT_SPEEDUP}x)"
+    return precision, f"{reason}: {speedup:.1f}x float32's speed here"
+
+
 def cpu_copy(beats_model, precision: str = "fast"):
     """
     A copy of a `BeatsModel` for CPU inference (eval mode, no gradients) and the precision it runs in; the model
@@ -179,39 +332,54 @@ def cpu_copy(beats_model, precision: str = "fast"):
 
     Args:
         beats_model: a loaded `BeatsModel` (float32).
-        precision: `"float32"` (the exact path through oneDNN), `"bfloat16"`, or `"fast"`: bfloat16 where the CPU has
-            bfloat16 units, else float32 (logged).
+        precision: `"float32"` (the exact path through oneDNN), `"bfloat16"`, `"int8"`, or `"fast"`: the fastest of
+            these for this CPU (`choose_fast_precision`: bfloat16 with bfloat16 units, else int8 with AVX2, each
+            kept only if it measured faster than float32 here; logged).
 
     Returns:
         `(copy, precision)` with the precision actually used.
     """
     if precision == "fast":
-        precision = "bfloat16" if cpu_has_bfloat16_units() else "float32"
+        config = beats_model.config
+        precision, reason = choose_fast_precision(config.encoder_embed_dim, config.encoder_ffn_embed_dim)
         if precision == "float32":
-            logger.warning(
-                "This CPU has no bfloat16 units (avx512_bf16 or amx_bf16), where BEATs' bfloat16 copy runs slower "
-                "than float32: using the exact float32 path."
-            )
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"precision must be 'fast', 'float32' or 'bfloat16'; got {precision!r}.")
-    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+            logger.warning(f"BEATs' fast CPU copy runs the exact float32 path: {reason}.")
+        else:
+            logger.info(f"BEATs' fast CPU copy runs in {precision}: {reason}.")
+    if precision not in ("float32", "bfloat16", "int8"):
+        raise ValueError(f"precision must be 'fast', 'float32', 'bfloat16' or 'int8'; got {precision!r}.")
+    if precision == "int8" and not int8_available():
+        raise ValueError("precision 'int8' needs fbgemm's dynamic int8 linear, which this torch build or CPU lacks.")
     fast = copy.deepcopy(beats_model).eval().requires_grad_(False)
-    if fast.post_extract_proj is not None:  # before the layers: float32 in both copies
+    if fast.post_extract_proj is not None:  # before the layers: float32 in every copy
         fast.post_extract_proj = OneDnnLinear.from_linear(fast.post_extract_proj, torch.float32)
     for layer in fast.encoder.layers:
         attention = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj", "grep_linear"):
-            if hasattr(attention, name):
-                setattr(attention, name, OneDnnLinear.from_linear(getattr(attention, name), dtype))
-        gelu = fast.config.activation_fn == "gelu"  # the exact GELU, which oneDNN can apply with fc1
-        layer.fc1 = OneDnnLinear.from_linear(layer.fc1, dtype, gelu=gelu)
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(attention, name, _linear_copy(getattr(attention, name), precision))
+        if hasattr(attention, "grep_linear"):  # 8 outputs per head, for the position gates: tiny, kept out of int8
+            attention.grep_linear = _linear_copy(attention.grep_linear, "float32" if precision == "int8" else precision)
+        # the exact GELU, which oneDNN can apply with fc1 (fbgemm cannot)
+        gelu = fast.config.activation_fn == "gelu" and precision != "int8"
+        layer.fc1 = _linear_copy(layer.fc1, precision, gelu=gelu)
         if gelu:
             layer.activation = nn.Identity()
-        layer.fc2 = OneDnnLinear.from_linear(layer.fc2, dtype)
+        layer.fc2 = _linear_copy(layer.fc2, precision)
     if precision == "bfloat16":
-        fast.encoder.pos_conv = CastingConv1d.from_conv(fast.encoder.pos_conv, dtype)
+        fast.encoder.pos_conv = CastingConv1d.from_conv(fast.encoder.pos_conv, torch.bfloat16)
         fast.set_attn_implementation(PRODUCTS_ATTENTION)
     return fast, precision
 
 
-__all__ = ["OneDnnLinear", "bfloat16_products_attention", "cpu_copy", "cpu_flags", "cpu_has_bfloat16_units"]
+__all__ = [
+    "DynamicInt8Linear",
+    "OneDnnLinear",
+    "bfloat16_products_attention",
+    "choose_fast_precision",
+    "cpu_copy",
+    "cpu_flags",
+    "cpu_has_bfloat16_units",
+    "fast_precision_for",
+    "int8_available",
+    "product_speedup",
+]

@@ -7,8 +7,19 @@ import torch.nn.functional as F
 from conftest import make_waveform
 from references import randomize_beats_parameters
 from transformers.audio_utils import spectrogram
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
-from beats_cpu import OneDnnLinear, _onednn_linear, bfloat16_products_attention, cpu_copy
+import beats_cpu
+from beats_cpu import (
+    DynamicInt8Linear,
+    OneDnnLinear,
+    _onednn_linear,
+    bfloat16_products_attention,
+    choose_fast_precision,
+    cpu_copy,
+    int8_available,
+)
 from configuration_audio_qformer import BeatsConfig
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import KALDI_LOG_FLOOR, BeatsFeatureExtractor
@@ -106,17 +117,100 @@ def test_float32_copy_equals_the_model(medium_model, padded_inputs):
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)  # float32 rounding of another kernel
 
 
-def test_fast_copy_chooses_its_precision_from_the_cpu(medium_model, monkeypatch):
-    import beats_cpu
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="no fbgemm dynamic int8 linear in this torch build")
 
-    monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU
-    fast, precision = cpu_copy(medium_model, "fast")
-    assert precision == "float32" and fast.encoder.layers[0].fc1.weight.dtype == torch.float32
-    monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    fast, precision = cpu_copy(medium_model, "fast")
-    assert precision == "bfloat16" and fast.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
+
+@needs_int8
+def test_int8_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inputs):
+    with torch.inference_mode():
+        before = medium_model(**padded_inputs)
+    fast, precision = cpu_copy(medium_model, "int8")
+    with torch.inference_mode():
+        after = medium_model(**padded_inputs)
+        quick = fast(**padded_inputs)
+    assert precision == "int8" and torch.equal(before.last_hidden_state, after.last_hidden_state)
+    # The transformer layers' projections multiply in int8; the position gates, the patch embedding, the positional
+    # convolution and the norms stay float32, as does everything the model reads dtypes from.
+    layer = fast.encoder.layers[0]
+    assert isinstance(layer.fc1, DynamicInt8Linear) and isinstance(layer.self_attn.q_proj, DynamicInt8Linear)
+    assert isinstance(layer.self_attn.grep_linear, OneDnnLinear)
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    assert not fast.training and not any(p.requires_grad for p in fast.parameters())
+    assert quick.last_hidden_state.dtype == torch.float32
+    assert torch.equal(quick.audio_attention_mask, before.audio_attention_mask)
+    real = before.audio_attention_mask.bool()
+    cosine = F.cosine_similarity(quick.last_hidden_state[real], before.last_hidden_state[real], dim=-1)
+    print(f"int8 copy token 1 - cosine: max {1 - cosine.min():.2e}, mean {1 - cosine.mean():.2e}")
+    assert cosine.min() >= 0.9999, cosine.min()  # measured 1 - cosine: 1.4e-5 here
+    assert (quick.last_hidden_state - before.last_hidden_state).abs().max() > 1e-4  # not the exact path renamed
+
+
+@needs_int8
+def test_int8_linear_is_close_to_f_linear_and_survives_copies():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(64, 96)
+    linear = DynamicInt8Linear.from_linear(plain)
+    x = torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        output = linear(x)
+        reference = F.linear(x, plain.weight, plain.bias)
+        # int8 weights per output channel and 7-bit inputs per call: errors of ~1% of the output's scale
+        assert (output - reference).abs().max() < 0.03 * reference.abs().max()
+        assert not torch.equal(output, reference)
+        assert torch.equal(copy.deepcopy(linear)(x), output)
+        assert torch.equal(pickle.loads(pickle.dumps(linear))(x), output)
+        linear.weight.mul_(2.0)  # a changed weight is quantized again rather than served stale
+        torch.testing.assert_close(linear(x) - linear.bias, 2 * (output - linear.bias), atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():  # autograd takes F.linear on the float32 weight
+        assert DynamicInt8Linear.from_linear(plain).requires_grad_()(x).grad_fn is not None
+
+
+@pytest.mark.parametrize(
+    "flags, speedup, expected",
+    [
+        ({"avx2", "fma", "avx512f", "avx512_bf16"}, 4.0, "bfloat16"),
+        ({"avx2", "fma", "amx_bf16", "amx_tile"}, 4.0, "bfloat16"),
+        ({"avx2", "fma"}, 1.8, "int8"),  # an AVX2-only CPU
+        ({"avx2", "fma", "avx512f", "avx512_vnni"}, 2.5, "int8"),  # AVX-512 without bfloat16 units
+        ({"sse4_2"}, 4.0, "float32"),  # nothing to multiply faster with
+    ],
+)
+def test_fast_copy_chooses_its_precision_from_the_cpu(medium_model, monkeypatch, flags, speedup, expected):
+    monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(beats_cpu, "int8_available", lambda: True)
+    monkeypatch.setattr(beats_cpu, "product_speedup", lambda precision, *shape: speedup)
+    precision, reason = choose_fast_precision(768, 3072)
+    assert precision == expected, reason
+    if expected != "float32":
+        assert f"{speedup:.1f}x" in reason
+    if expected != "int8" or int8_available():  # building an int8 copy needs fbgemm for real
+        fast, used = cpu_copy(medium_model, "fast")
+        assert used == expected
+        assert isinstance(fast.encoder.layers[0].fc1, DynamicInt8Linear if expected == "int8" else OneDnnLinear)
     with pytest.raises(ValueError, match="precision"):
         cpu_copy(medium_model, "int4")
+
+
+@pytest.mark.parametrize("flags", [{"avx2", "fma"}, {"avx2", "avx512_bf16"}])
+def test_fast_copy_falls_back_to_float32_when_measured_slower(medium_model, monkeypatch, flags):
+    # A candidate that measured slower than float32 here (say a CPU whose int8 products are emulated) is dropped,
+    # and the warning says so.
+    monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(beats_cpu, "int8_available", lambda: True)
+    monkeypatch.setattr(beats_cpu, "product_speedup", lambda precision, *shape: 0.9)
+    with CaptureLogger(logging.get_logger("beats_cpu")) as captured:
+        fast, precision = cpu_copy(medium_model, "fast")
+    assert precision == "float32" and fast.encoder.layers[0].fc1.weight.dtype == torch.float32
+    assert "exact float32 path" in captured.out and "measured 0.90x" in captured.out, captured.out
+
+
+def test_product_speedup_measures_here():
+    # A real measurement (tiny: a few milliseconds): a positive ratio, 0.0 only where the precision fails.
+    for precision in ["bfloat16"] + (["int8"] if int8_available() else []):
+        assert beats_cpu.product_speedup(precision, 64, 128, rows=32, repeats=2) > 0.0
 
 
 def test_fast_copy_survives_copying_and_pickling(medium_model, padded_inputs):
@@ -152,7 +246,7 @@ def test_onednn_linear_equals_f_linear(dtype):
     assert output.dtype == dtype
     torch.testing.assert_close(output.float(), reference, **tolerance)
     torch.testing.assert_close(activated.float(), F.gelu(reference), **tolerance)  # exact (erf) GELU, not tanh
-    if dtype == torch.bfloat16 and _onednn_linear() is not None:
+    if dtype == torch.bfloat16 and _onednn_linear(dtype) is not None:
         assert linear.__dict__.get("_packed_weight") is not None  # the oneDNN path ran, with the packed weight
     with torch.enable_grad():  # autograd takes F.linear
         assert OneDnnLinear.from_linear(plain, dtype).requires_grad_()(x).grad_fn is not None
