@@ -47,6 +47,7 @@ from vector_search import exact_search
 logger = logging.get_logger(__name__)
 
 LIBRARY_CONFIG = "library.json"
+BEATS_DTYPES = ("float32", "bfloat16")
 LIBRARY_FILES = "files.json"
 # Where `index` writes the audio of dataset rows that carry bytes rather than a local file (a Hub dataset's Parquet):
 # inside the library, so that hits are playable files and the library travels whole, as with its own `sounds/`.
@@ -233,11 +234,14 @@ class AudioLibrary:
         captions (`bool`, defaults to `False`): also store a caption of each file, written by the model's caption
             head (`generate`, its default beam search) from the file's first window (the whole file when it fits one
             window) as it is embedded; search hits carry it. Like `fast_cpu_encoder`, fixed when the library is created.
+        beats_dtype (`str`, defaults to `"float32"`): `"bfloat16"` runs BEATs in bfloat16 on any device (a bfloat16
+            copy; on the CPU `beats_cpu.cpu_copy(..., "bfloat16")`) and, on a GPU, the Q-Former under bfloat16
+            autocast. Fixed when the library is created.
     """
 
     def __init__(self, directory: str, model, processor, model_name: str | None = None, create: bool = False,
                  keep_tokens: bool = True, window_seconds: float = WINDOW_SECONDS, hop_seconds: float = HOP_SECONDS,
-                 fast_cpu_encoder: bool = False, captions: bool = False):  # fmt: skip
+                 fast_cpu_encoder: bool = False, captions: bool = False, beats_dtype: str = "float32"):  # fmt: skip
         self.directory, self.model, self.processor = directory, model, processor
         self.sampling_rate = processor.feature_extractor.sampling_rate
         config_path = os.path.join(directory, LIBRARY_CONFIG)
@@ -253,12 +257,14 @@ class AudioLibrary:
                     "model's path too: index those again)."
                 )
         elif create:
+            if beats_dtype not in BEATS_DTYPES:
+                raise ValueError(f"beats_dtype must be one of {', '.join(BEATS_DTYPES)}; got {beats_dtype!r}.")
             if hop_seconds <= 0 or hop_seconds > window_seconds:
                 raise ValueError(f"Need 0 < hop_seconds <= window_seconds; got {hop_seconds} and {window_seconds}.")
             os.makedirs(directory, exist_ok=True)
             self.config = {"format": 1, "model": model_name, "model_identity": identity, "keep_tokens": keep_tokens,
                            "window_seconds": window_seconds, "hop_seconds": hop_seconds,
-                           "fast_cpu_encoder": fast_cpu_encoder, "captions": captions}  # fmt: skip
+                           "fast_cpu_encoder": fast_cpu_encoder, "captions": captions, "beats_dtype": beats_dtype}  # fmt: skip
             _write_json_atomically(config_path, self.config)
         else:
             raise FileNotFoundError(
@@ -411,23 +417,34 @@ class AudioLibrary:
                 waveforms[start : start + batch_size], sampling_rate=self.sampling_rate, return_tensors="pt"
             ).to(device)
             states, mask = self._audio_hidden_states(inputs)
-            audio = self.model.get_audio_features(audio_hidden_states=states, audio_attention_mask=mask)
+            # The Q-Former under autocast on a GPU when the library asked for bfloat16 (the CPU keeps it exact).
+            lower = device.type == "cuda" and self.config.get("beats_dtype") == "bfloat16"
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=lower):
+                audio = self.model.get_audio_features(audio_hidden_states=states, audio_attention_mask=mask)
             embeds.append(audio.audio_embeds.float().cpu())
             lengths = mask.sum(-1).tolist()
             tokens += [s[:n].to(torch.float16).cpu().numpy() for s, n in zip(states, lengths)]
         return torch.cat(embeds), tokens
 
     def _audio_hidden_states(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if inputs["input_features"].device.type != "cpu":
+        features, bfloat16 = inputs["input_features"], self.config.get("beats_dtype") == "bfloat16"
+        if features.device.type != "cpu" and not bfloat16:
             return self.model.get_audio_hidden_states(**inputs)
         if self._audio_encoder is None:
-            from beats_cpu import cpu_copy
+            if features.device.type != "cpu":  # a bfloat16 copy on the GPU; the model keeps its float32 BEATs
+                import copy
 
-            # Libraries made before the setting existed are exact.
-            precision = "fast" if self.config.get("fast_cpu_encoder") else "float32"
-            self._audio_encoder, _ = cpu_copy(self.model.audio_model, precision)
-        outputs = self._audio_encoder(inputs["input_features"], inputs.get("feature_attention_mask"))
-        return outputs.last_hidden_state, outputs.audio_attention_mask
+                self._audio_encoder = copy.deepcopy(self.model.audio_model).to(torch.bfloat16)
+            else:
+                from beats_cpu import cpu_copy
+
+                # Libraries made before the settings existed are exact.
+                precision = "bfloat16" if bfloat16 else "fast" if self.config.get("fast_cpu_encoder") else "float32"
+                self._audio_encoder, _ = cpu_copy(self.model.audio_model, precision)
+        dtype = self._audio_encoder.patch_embedding.weight.dtype  # what the first layer reads, as `_run_beats` does
+        with torch.no_grad():
+            outputs = self._audio_encoder(features.to(dtype), inputs.get("feature_attention_mask"))
+        return outputs.last_hidden_state.float(), outputs.audio_attention_mask
 
     def index(self, source, batch_size: int = 8, show_progress: bool = True, state=None, audio_column: str = "audio",
               dataset_name: str | None = None) -> dict:  # fmt: skip

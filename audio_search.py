@@ -117,6 +117,9 @@ def main(argv=None):
                             "measures faster.")
     index.add_argument("--vector_index", action="store_true",
                        help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
+    index.add_argument("--beats_dtype", choices=["float32", "bfloat16"],
+                       help="New library: BEATs in bfloat16 on any device (and on a GPU the Q-Former under autocast); "
+                            "default float32. On the CPU, --fast_cpu picks the fastest precision instead.")
     index.add_argument("--captions", action="store_true",
                        help="New library: also store the model's caption of each file (of its first window when it "
                             "is longer than one), shown by search and similar.")
@@ -158,11 +161,16 @@ def main(argv=None):
             state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
             device = state.device if args.device == "auto" else args.device
             config_path = os.path.join(args.library, LIBRARY_CONFIG)
-            if (args.fast_cpu or args.captions) and os.path.exists(config_path):
+            if args.fast_cpu and args.beats_dtype == "bfloat16":
+                parser.error("give --fast_cpu or --beats_dtype bfloat16, not both")
+            if (args.fast_cpu or args.captions or args.beats_dtype) and os.path.exists(config_path):
                 with open(config_path) as handle:
                     existing = json.load(handle)
                 if args.fast_cpu and not existing.get("fast_cpu_encoder"):
                     parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
+                if args.beats_dtype and args.beats_dtype != existing.get("beats_dtype", "float32"):
+                    parser.error(f"{args.library} runs BEATs in {existing.get('beats_dtype', 'float32')}; --beats_dtype "
+                                 "applies to new libraries")  # fmt: skip
                 if args.captions and not existing.get("captions"):
                     parser.error(f"{args.library} was indexed without captions; --captions applies to new libraries "
                                  "(index into a new --library)")  # fmt: skip
@@ -176,7 +184,7 @@ def main(argv=None):
                     library = AudioLibrary(args.library, model, processor, args.model, create=True,
                                            keep_tokens=not args.no_tokens, window_seconds=args.window_seconds,
                                            hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu,
-                                           captions=args.captions)  # fmt: skip
+                                           captions=args.captions, beats_dtype=args.beats_dtype or "float32")  # fmt: skip
             source = args.directory or open_dataset(args.hub_dataset, args.hub_split)
             report = library.index(source, args.batch_size, show_progress=state.is_main_process, state=state,
                                    audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip

@@ -206,6 +206,31 @@ def test_fast_cpu_library_embeds_with_the_fast_encoder(saved_model, sounds, tmp_
         main(["--library", str(tmp_path / "exact"), "index", str(folder), "--fast_cpu"])
 
 
+def test_bfloat16_beats_library(saved_model, sounds, tmp_path, capsys):
+    # `--beats_dtype bfloat16`: recorded in the library, BEATs in bfloat16 (here the CPU's bfloat16 copy): embeddings
+    # close to the exact ones, not equal; the setting cannot change on an existing library.
+    from audio_io import load_audio
+
+    lib = str(tmp_path / "bf16")
+    assert main(["--library", lib, "index", str(sounds), "--model", saved_model, "--beats_dtype", "bfloat16"]) == 0
+    library = AudioLibrary.load(lib)
+    assert library.config["beats_dtype"] == "bfloat16"
+    exact = AudioLibrary(str(tmp_path / "exact"), *load_model(saved_model), saved_model, create=True)
+    waveforms = [load_audio(str(p)) for p in sorted(sounds.rglob("*.wav"))]
+    low, high = library.embed_waveforms(waveforms)[0], exact.embed_waveforms(waveforms)[0]
+    cosine = torch.nn.functional.cosine_similarity(low, high, dim=-1)
+    assert cosine.min() >= 0.999 and not torch.equal(low, high), cosine.min()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--library", str(tmp_path / "exact"), "index", str(sounds), "--beats_dtype", "bfloat16"])
+    assert "runs BEATs in float32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--library", str(tmp_path / "new"), "index", str(sounds), "--model", saved_model, "--fast_cpu",
+              "--beats_dtype", "bfloat16"])  # fmt: skip
+    with pytest.raises(ValueError, match="beats_dtype must be one of"):
+        AudioLibrary(str(tmp_path / "bad"), *load_model(saved_model), saved_model, create=True, beats_dtype="fp8")
+
+
 def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys):
     folder = copy_of(sounds, tmp_path)
     (folder / "notes.wav").write_text("this is a text file, not audio")
