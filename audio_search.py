@@ -25,7 +25,8 @@ from dataclasses import asdict
 import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
-from audio_library import LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, SearchHit, load_model, open_dataset
+from audio_library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
+                           open_dataset)  # fmt: skip
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def main(argv=None):
                     _print_hits(query, hits, args.json)
             else:
                 _print_hits(args.file, library.similar(args.file, args.k), args.json)
-    except (FileNotFoundError, NotADirectoryError, ValueError, LibraryBusyError) as error:
+    except (FileNotFoundError, NotADirectoryError, ValueError, LibraryBusyError, LibraryDiskFullError) as error:
         print(f"audio-qformer: error: {error}", file=sys.stderr)
         return 2
     return 0
