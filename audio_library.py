@@ -295,13 +295,15 @@ class AudioLibrary:
             raise FileNotFoundError(
                 f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
             )
+        # The file list before the stored entries: an `index` run writes it after every entry it names is stored (in
+        # shard 0), so while another run is appending, each listed file is found complete here.
+        files_path = os.path.join(directory, LIBRARY_FILES)
+        self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
         embed_width = model.config.num_query_tokens * model.config.embed_dim
         self.embeddings = FeatureCache(directory, "embeddings", embed_width)
         self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
         self._live = None
         self._audio_encoder = None  # BEATs' CPU copy, built on first use (`beats_cpu.cpu_copy`)
-        files_path = os.path.join(directory, LIBRARY_FILES)
-        self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
 
     @classmethod
     def load(cls, directory: str, model_name_or_path: str | None = None, device="cpu") -> "AudioLibrary":

@@ -104,7 +104,7 @@ class FeatureCache:
         data_path, index_path = self._shard_paths(shard)
         size = os.path.getsize(data_path) if os.path.exists(data_path) else 0
         entries, end = [], 0
-        if os.path.exists(index_path):
+        with contextlib.suppress(FileNotFoundError):  # none yet, or `consolidate` just deleted the shard
             with open(index_path) as handle:
                 for line in handle:
                     try:
