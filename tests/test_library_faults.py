@@ -5,6 +5,7 @@ import builtins
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,58 @@ def assert_equal_libraries(library: AudioLibrary, reference: AudioLibrary, atol:
     assert library.embeddings.shard_array(0).shape[0] == sum(length for _, _, length in rows)
     leftovers = [n for _, _, names in os.walk(library.directory) for n in names if n.endswith((".partial", ".tmp"))]
     assert leftovers == []
+
+
+# --- a process of a launch killed ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_launch_with_one_process_killed_is_completed_by_the_next_run(killed, saved_model, many_sounds, tmp_path,
+                                                                       capsys):  # fmt: skip
+    """
+    SIGKILL one process of `accelerate launch --num_processes 2 ... index` (process 1, or the main process, which holds
+    the lock) once it has stored a file. The launcher's agent then stops the survivor (SIGTERM) and exits non-zero at
+    once: nobody waits at a barrier for the dead process. A plain rerun embeds only the files neither process stored
+    and moves the launch's shards into one.
+    """
+    psutil = pytest.importorskip("psutil")  # installed with accelerate
+    library_dir = tmp_path / "lib"
+    command = [*LAUNCH_TWO, "--library", str(library_dir), "index", str(many_sounds), "--model", saved_model,
+               "--batch_size", "1"]  # fmt: skip
+    launch = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, worker = time.time() + 120, None
+        while worker is None and launch.poll() is None and time.time() < deadline:  # the agent's child of that RANK
+            for child in psutil.Process(launch.pid).children(recursive=True):
+                try:
+                    if child.environ().get("RANK") == str(killed):
+                        worker = child
+                except psutil.Error:  # not started yet, or gone
+                    pass
+            time.sleep(0.05)
+        assert worker is not None, f"process {killed} of the launch did not start"
+        its_shard = library_dir / "embeddings" / f"shard-{killed}.jsonl"
+        while stored_lines(its_shard) < 1 and launch.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        worker.send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        output, _ = launch.communicate(timeout=60)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    assert time.time() - killed_at < 30  # the survivor did not hang
+    assert launch.returncode != 0 and "Signal 9 (SIGKILL) received by PID" in output, output[-3000:]
+    assert 1 <= stored_lines(its_shard) < 12  # killed during its share of 12 files
+
+    model, processor = load_model(saved_model)
+    stored = len(AudioLibrary(str(library_dir), model, processor).embeddings)  # both processes' shards
+    assert main(["--library", str(library_dir), "index", str(many_sounds)]) == 0
+    assert f"{24 - stored} embedded, {stored} already indexed" in capsys.readouterr().out
+    one = AudioLibrary(str(tmp_path / "one"), model, processor, saved_model, create=True)
+    one.index(str(many_sounds), batch_size=1, show_progress=False)
+    resumed = AudioLibrary(str(library_dir), model, processor)
+    assert_equal_libraries(resumed, one, atol=2e-3)  # the launch's processes ran with other thread counts
+    assert [h.path for h in resumed.search(["a tone"], k=24)[0]] == [h.path for h in one.search(["a tone"], k=24)[0]]
 
 
 # --- a full disk -----------------------------------------------------------------------------------------------------
