@@ -25,6 +25,8 @@ again without embedding anything, and `index` also takes a `datasets.Dataset` of
 `save_to_disk` wrote) instead of a folder.
 """
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -68,12 +70,22 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu"):
     return model, AudioQFormerProcessor(feature_extractor, BertTokenizer.from_pretrained(name_or_path))
 
 
-def _write_json_atomically(path: str, value):
-    with open(path + ".partial", "w") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
+def _write_atomically(path: str, data: bytes):
+    """Replace `path` by `data` whole or not at all: written to `path.partial`, fsynced, then renamed."""
+    try:
+        with open(path + ".partial", "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):  # e.g. a full disk: the previous `path` stays whole, and no half copy stays
+            os.remove(path + ".partial")
+        raise
     os.replace(path + ".partial", path)
+
+
+def _write_json_atomically(path: str, value):
+    _write_atomically(path, json.dumps(value, indent=1).encode())
 
 
 # --- the library as a `datasets` dataset -----------------------------------------------------------------------------
@@ -200,6 +212,26 @@ class LibraryBusyError(RuntimeError):
     """Another run is indexing the library."""
 
 
+class LibraryDiskFullError(OSError):
+    """The disk holding the library filled up (or its quota) while writing; what was stored before stays searchable."""
+
+
+@contextlib.contextmanager
+def _stopping_when_disk_full(directory: str):
+    """Turn a full disk (ENOSPC, EDQUOT) while writing the library into `LibraryDiskFullError`, which names it."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(error, LibraryDiskFullError):
+            raise
+        full = LibraryDiskFullError(
+            f"The disk holding the library {directory} is full ({error.strerror}): free some space there, then run "
+            "`audio-qformer index` again; the files stored so far stay searchable and are not embedded again."
+        )
+        full.errno = error.errno
+        raise full from error
+
+
 @dataclass
 class SearchHit:
     """One ranked file. `score` orders the list: the cosine, or match logit + cosine for re-ranked hits."""
@@ -265,18 +297,21 @@ class AudioLibrary:
             self.config = {"format": 1, "model": model_name, "model_identity": identity, "keep_tokens": keep_tokens,
                            "window_seconds": window_seconds, "hop_seconds": hop_seconds,
                            "fast_cpu_encoder": fast_cpu_encoder, "captions": captions, "beats_dtype": beats_dtype}  # fmt: skip
-            _write_json_atomically(config_path, self.config)
+            with _stopping_when_disk_full(directory):
+                _write_json_atomically(config_path, self.config)
         else:
             raise FileNotFoundError(
                 f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
             )
+        # The file list before the stored entries: an `index` run writes it after every entry it names is stored (in
+        # shard 0), so while another run is appending, each listed file is found complete here.
+        files_path = os.path.join(directory, LIBRARY_FILES)
+        self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
         embed_width = model.config.num_query_tokens * model.config.embed_dim
         self.embeddings = FeatureCache(directory, "embeddings", embed_width)
         self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
         self._live = None
         self._audio_encoder = None  # BEATs' CPU copy, built on first use (`beats_cpu.cpu_copy`)
-        files_path = os.path.join(directory, LIBRARY_FILES)
-        self.files: dict[str, dict[str, str]] = json.load(open(files_path)) if os.path.exists(files_path) else {}
 
     @classmethod
     def load(cls, directory: str, model_name_or_path: str | None = None, device="cpu") -> "AudioLibrary":
@@ -328,17 +363,18 @@ class AudioLibrary:
             raise ValueError(f"{directory} cuts files into other windows than {name} ({windows}): open it in a new folder.")
         lock = library._lock_for_indexing()
         try:
-            paths, batch = {}, []
-            for entry in _stored_entries(dataset, name, library.sampling_rate):
-                batch.append(entry)
-                paths[entry[2]["path"]] = entry[0]
-                if len(batch) == 256:
-                    library.embeddings.append(batch)
-                    batch = []
-            library.embeddings.append(batch)
-            for folder, group in _folders_of(list(paths)).items():
-                library.files[folder] = {path: paths[path] for path in group}
-            _write_json_atomically(os.path.join(directory, LIBRARY_FILES), library.files)
+            with _stopping_when_disk_full(directory):
+                paths, batch = {}, []
+                for entry in _stored_entries(dataset, name, library.sampling_rate):
+                    batch.append(entry)
+                    paths[entry[2]["path"]] = entry[0]
+                    if len(batch) == 256:
+                        library.embeddings.append(batch)
+                        batch = []
+                library.embeddings.append(batch)
+                for folder, group in _folders_of(list(paths)).items():
+                    library.files[folder] = {path: paths[path] for path in group}
+                _write_json_atomically(os.path.join(directory, LIBRARY_FILES), library.files)
         finally:
             lock.close()
         library._live = None
@@ -469,11 +505,14 @@ class AudioLibrary:
         several = state is not None and state.num_processes > 1
         lock = self._lock_for_indexing(state if several else None)
         try:
-            if isinstance(source, str):
-                folders, missing = {os.path.abspath(source): audio_files(os.path.abspath(source))}, []
-            else:  # one process writes the rows' audio; the others wait for it at the start of `_index`
-                folders, missing = self._dataset_files(source, audio_column, dataset_name, not several or state.is_main_process)
-            return self._index(folders, missing, batch_size, show_progress, state, several)
+            # A full disk stops the run where it is: every write is durable entry by entry, so what is stored stays.
+            with _stopping_when_disk_full(self.directory):
+                if isinstance(source, str):
+                    folders, missing = {os.path.abspath(source): audio_files(os.path.abspath(source))}, []
+                else:  # one process writes the rows' audio; the others wait for it at the start of `_index`
+                    write = not several or state.is_main_process
+                    folders, missing = self._dataset_files(source, audio_column, dataset_name, write)
+                return self._index(folders, missing, batch_size, show_progress, state, several)
         finally:
             if lock is not None:
                 lock.close()  # releases the lock
@@ -518,9 +557,7 @@ class AudioLibrary:
                 target = os.path.join(folder, f"{digest}-{os.path.basename(path or '') or 'audio'}")
                 if write and not os.path.exists(target):  # named by its bytes: an existing file holds them already
                     os.makedirs(folder, exist_ok=True)
-                    with open(target + ".partial", "wb") as handle:
-                        handle.write(data)
-                    os.replace(target + ".partial", target)
+                    _write_atomically(target, data)
                 copied.append(target)
             else:
                 missing.append({"audio": path or f"{name} row {row}",
@@ -565,20 +602,20 @@ class AudioLibrary:
             self.embeddings.append(rows, shard)
             pending.clear()
 
-        progress = tqdm(total=len(todo), desc="Indexing", unit="file", disable=not show_progress)
-        for path, waveform in self._decoded(todo, ahead=batch_size):  # the next batch decodes while this one embeds
-            progress.update(1)
-            if isinstance(waveform, AudioLoadError):
-                failed.append({"audio": path, "reason": str(waveform)})
-                continue
-            starts, windows = self.windows(waveform)
-            pending.append((path, waveform.shape[0] / self.sampling_rate, starts, windows))
-            pending_windows += len(windows)
-            if pending_windows >= batch_size:
-                flush()
-                pending_windows = 0
-        flush()
-        progress.close()
+        # Closed on an error too (a full disk), so that the error message starts a line of its own.
+        with tqdm(total=len(todo), desc="Indexing", unit="file", disable=not show_progress) as progress:
+            for path, waveform in self._decoded(todo, ahead=batch_size):  # the next batch decodes while this one embeds
+                progress.update(1)
+                if isinstance(waveform, AudioLoadError):
+                    failed.append({"audio": path, "reason": str(waveform)})
+                    continue
+                starts, windows = self.windows(waveform)
+                pending.append((path, waveform.shape[0] / self.sampling_rate, starts, windows))
+                pending_windows += len(windows)
+                if pending_windows >= batch_size:
+                    flush()
+                    pending_windows = 0
+            flush()
         if several:
             state.wait_for_everyone()
         if not several or state.is_main_process:
@@ -654,8 +691,14 @@ class AudioLibrary:
         path = os.path.join(self.directory, "failures.jsonl")
         if not os.path.exists(path):
             return []
+        latest = {}
         with open(path) as handle:
-            latest = {failure["audio"]: failure["reason"] for failure in map(json.loads, handle)}
+            for line in handle:
+                try:
+                    failure = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a full disk or a kill
+                    continue
+                latest[failure["audio"]] = failure["reason"]
         stored = {f["path"] for f in self.stored_files()}
         return [{"audio": audio, "reason": reason} for audio, reason in latest.items() if audio not in stored]
 
@@ -821,4 +864,5 @@ class AudioLibrary:
         return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
 
 
-__all__ = ["AudioLibrary", "LibraryBusyError", "SearchHit", "library_features", "load_model", "open_dataset"]
+__all__ = ["AudioLibrary", "LibraryBusyError", "LibraryDiskFullError", "SearchHit", "library_features", "load_model",
+           "open_dataset"]

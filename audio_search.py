@@ -25,7 +25,8 @@ from dataclasses import asdict
 import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
-from audio_library import LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, SearchHit, load_model, open_dataset
+from audio_library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
+                           open_dataset)  # fmt: skip
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -190,8 +191,11 @@ def main(argv=None):
                                    audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip
             who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
             where = f"under {args.directory}" if args.directory else f"in {args.hub_dataset} ({args.hub_split})"
-            print(f"{args.library}: {who}{report['files']} audio files {where}: {report['embedded']} "
-                  f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable", flush=True)  # fmt: skip
+            # One write, newline included: the launch's processes share stdout, and unbuffered (PYTHONUNBUFFERED) print
+            # writes the newline apart, so their lines could run into each other.
+            sys.stdout.write(f"{args.library}: {who}{report['files']} audio files {where}: {report['embedded']} "
+                             f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable\n")
+            sys.stdout.flush()
             for failure in report["failed"]:
                 print(f"  skipped {failure['audio']}: {failure['reason']}")
             if args.vector_index and state.is_main_process:
@@ -228,7 +232,7 @@ def main(argv=None):
                     _print_hits(query, hits, args.json)
             else:
                 _print_hits(args.file, library.similar(args.file, args.k), args.json)
-    except (FileNotFoundError, NotADirectoryError, ValueError, LibraryBusyError) as error:
+    except (FileNotFoundError, NotADirectoryError, ValueError, LibraryBusyError, LibraryDiskFullError) as error:
         print(f"audio-qformer: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -11,6 +11,7 @@ reads these tokens; a clip's key hashes its path, size and modification time (or
 extracted again. `datasets.map` caching was not used because it restarts a killed map from scratch.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,7 +104,7 @@ class FeatureCache:
         data_path, index_path = self._shard_paths(shard)
         size = os.path.getsize(data_path) if os.path.exists(data_path) else 0
         entries, end = [], 0
-        if os.path.exists(index_path):
+        with contextlib.suppress(FileNotFoundError):  # none yet, or `consolidate` just deleted the shard
             with open(index_path) as handle:
                 for line in handle:
                     try:
@@ -187,15 +188,28 @@ class FeatureCache:
         """
         Cut off what a killed writer left half-written in a shard and return its length in rows, where writing goes
         on. The index is replaced, not rewritten in place, so a writer killed here too keeps every complete entry.
+        Complete entries this object does not know yet (those of its own write that failed half-way) become known, so
+        that they are not stored twice.
         """
         data_path, index_path = self._shard_paths(shard)
         entries, end = self._read_index(shard)
+        for entry in entries:
+            if entry["key"] not in self._entries:
+                self._entries[entry["key"]] = (shard, entry["offset"], entry["length"])
+                extra = {k: v for k, v in entry.items() if k not in ("key", "offset", "length")}
+                if extra:
+                    self._metadata[entry["key"]] = extra
         with open(data_path, "ab") as handle:
             handle.truncate(end)
-        with open(index_path + ".tmp", "w") as handle:
-            handle.writelines(json.dumps(entry) + "\n" for entry in entries)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(index_path + ".tmp", "w") as handle:
+                handle.writelines(json.dumps(entry) + "\n" for entry in entries)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):  # e.g. a full disk: the index stays as it was
+                os.remove(index_path + ".tmp")
+            raise
         os.replace(index_path + ".tmp", index_path)
         return end // (2 * self.hidden_size)
 
@@ -205,6 +219,8 @@ class FeatureCache:
         Durable like `extract`: the rows are on disk (fsync) before their index lines, and the first call cuts off what
         a killed writer left half-written. Keys already stored are skipped. One writer per shard.
         """
+        if shard not in self._append_offsets:  # first, so that the entries a failed write left whole are known
+            self._append_offsets[shard] = self._open_for_writing(shard)
         self._write([item for item in items if item[0] not in self._entries], shard)
 
     def _write(self, items: list[tuple[str, np.ndarray, dict]], shard: int):
@@ -212,20 +228,26 @@ class FeatureCache:
         if shard not in self._append_offsets:
             self._append_offsets[shard] = self._open_for_writing(shard)
         offset, lines = self._append_offsets[shard], []
-        with open(data_path, "ab") as data:
-            for key, array, extra in items:
-                array = np.ascontiguousarray(array, dtype=np.float16)
-                if array.ndim != 2 or array.shape[1] != self.hidden_size:
-                    raise ValueError(f"Expected an array (rows, {self.hidden_size}); got {array.shape} for {key}.")
-                data.write(array.tobytes())
-                lines.append({**extra, "key": key, "offset": offset, "length": array.shape[0]})
-                offset += array.shape[0]
-            data.flush()
-            os.fsync(data.fileno())
-        with open(index_path, "a") as index:
-            index.writelines(json.dumps(line) + "\n" for line in lines)
-            index.flush()
-            os.fsync(index.fileno())
+        try:
+            with open(data_path, "ab") as data:
+                for key, array, extra in items:
+                    array = np.ascontiguousarray(array, dtype=np.float16)
+                    if array.ndim != 2 or array.shape[1] != self.hidden_size:
+                        raise ValueError(f"Expected an array (rows, {self.hidden_size}); got {array.shape} for {key}.")
+                    data.write(array.tobytes())
+                    lines.append({**extra, "key": key, "offset": offset, "length": array.shape[0]})
+                    offset += array.shape[0]
+                data.flush()
+                os.fsync(data.fileno())
+            with open(index_path, "a") as index:
+                index.writelines(json.dumps(line) + "\n" for line in lines)
+                index.flush()
+                os.fsync(index.fileno())
+        except BaseException:
+            # Part of a block or a line may be on disk (a full disk writes what fits): the next call cuts it off
+            # (`_open_for_writing`) rather than appending after it, and learns the entries written whole.
+            del self._append_offsets[shard]
+            raise
         self._append_offsets[shard] = offset
         for line in lines:
             self._entries[line["key"]] = (shard, line["offset"], line["length"])
