@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from audio_io import AudioLoadError, caption_spans, load_audio  # noqa: E402
-from audio_library import AudioLibrary, SearchHit, load_model  # noqa: E402
+from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -203,8 +203,7 @@ def open_library(library_dir: str, model: str | None, sounds: str | None) -> Aud
         library = AudioLibrary.load(library_dir, model)
     elif model:
         loaded, processor = load_model(model)
-        # With captions: the app shows each hit's caption (generated once, as the file is embedded).
-        library = AudioLibrary(library_dir, loaded, processor, model, create=True, captions=True)
+        library = AudioLibrary(library_dir, loaded, processor, model, create=True, **BROWSING_LIBRARY)
     else:
         raise SystemExit(f"app.py: no library at {library_dir}; give --model (and --sounds) to build one.")
     if sounds:

@@ -13,7 +13,7 @@ libraries); optionally the matching head re-ranks the top k. Files longer than `
 (`HOP_SECONDS` apart, the last one ending with the file) and a file scores as its best window.
 
 A library folder holds `library.json` (the model it was built with and its identity hash, the window settings),
-`embeddings/` (one row of 32 x 256 float16 per window, memory-mapped) and, unless `keep_tokens=False`, `tokens/`
+`embeddings/` (one row of 32 x 256 float16 per window, memory-mapped) and, with `keep_tokens=True`, `tokens/`
 (each window's BEATs tokens, so re-ranking needs no audio decoding), both in the crash-safe `FeatureCache` format,
 and `files.json` (the files of each indexed folder, replaced atomically at the end of an index run). Sounds kept inside
 the library folder travel with it: copied or cloned elsewhere (a Space), it needs no embedding again. The command
@@ -50,6 +50,9 @@ logger = logging.get_logger(__name__)
 
 LIBRARY_CONFIG = "library.json"
 BEATS_DTYPES = ("float32", "bfloat16")
+# What the app's libraries (so a Space's too) store beside the embeddings: each file's caption, shown with each hit,
+# and the BEATs tokens, so that its re-rank switch answers in about a second instead of running BEATs again.
+BROWSING_LIBRARY = {"captions": True, "keep_tokens": True}
 LIBRARY_FILES = "files.json"
 # Where `index` writes the audio of dataset rows that carry bytes rather than a local file (a Hub dataset's Parquet):
 # inside the library, so that hits are playable files and the library travels whole, as with its own `sounds/`.
@@ -253,8 +256,12 @@ class AudioLibrary:
         model ([`AudioQFormerModel`]) and processor ([`AudioQFormerProcessor`]): the model that embeds; an existing
             library refuses a model with other weights.
         model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it.
-        keep_tokens (`bool`, defaults to `True`): also store each window's BEATs tokens, for re-ranking without
-            decoding audio again (about 260 MB per hour of audio at 768 wide).
+        keep_tokens (`bool`, defaults to `False`): also store each window's BEATs tokens, for re-ranking without
+            decoding audio again. Measured at the report's sizes (`benchmarks/library_storage.py`, Intel Xeon, 2
+            cores): tokens take 762 kB per window against 16.5 kB for the embeddings (46 times; 511 MiB per hour of
+            long audio), and make a re-rank of the top 16 take 0.93 s per query instead of 10.0 s (BEATs run again on
+            the 16 candidates). Searching without re-ranking, the default, needs no tokens, so they are kept only when
+            asked for (the app asks: its re-rank switch is interactive).
         fast_cpu_encoder (`bool`, defaults to `False`): on the CPU, embed audio with BEATs' fast copy
             (`beats_cpu.cpu_copy(..., "fast")`): bfloat16 on a CPU with bfloat16 units (1.5-3x the exact encoder's
             speed), int8 projections on other CPUs with AVX2 (1.35-1.75x), each kept only where its products measured
@@ -272,7 +279,7 @@ class AudioLibrary:
     """
 
     def __init__(self, directory: str, model, processor, model_name: str | None = None, create: bool = False,
-                 keep_tokens: bool = True, window_seconds: float = WINDOW_SECONDS, hop_seconds: float = HOP_SECONDS,
+                 keep_tokens: bool = False, window_seconds: float = WINDOW_SECONDS, hop_seconds: float = HOP_SECONDS,
                  fast_cpu_encoder: bool = False, captions: bool = False, beats_dtype: str = "float32"):  # fmt: skip
         self.directory, self.model, self.processor = directory, model, processor
         self.sampling_rate = processor.feature_extractor.sampling_rate
@@ -811,7 +818,7 @@ class AudioLibrary:
                 except AudioLoadError as error:
                     raise ValueError(
                         f"Re-ranking needs the BEATs tokens of {self.path_of(key)}: this library does not store them "
-                        "(opened from a dataset, or indexed with --no_tokens), and its audio cannot be read "
+                        "(opened from a dataset, or indexed without --keep_tokens), and its audio cannot be read "
                         f"({error.reason}). Put the sounds at their paths, or search without --rerank."
                     ) from error
                 _, windows = self.windows(waveform)

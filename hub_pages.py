@@ -251,8 +251,9 @@ def write_space_folder(space_dir: str, model_id: str, sounds: str | None = None,
 # {title}
 
 Search a sound library by text with [{model_id}](https://huggingface.co/{model_id}): type what you hear, get the
-best-matching files ranked, with a player each. Also: find files that sound like an uploaded clip (Similar), and rank
-labels for a clip (Classify). The named API endpoints `/search`, `/similar` and `/classify` serve `gradio_client`.
+best-matching files ranked, with a player and the model's caption each. Also: find files that sound like an uploaded
+clip (Similar), caption a clip (Describe), and rank labels for a clip (Classify). The named API endpoints `/search`,
+`/similar`, `/describe` and `/classify` serve `gradio_client`.
 
 The library is the folder `{SPACE_LIBRARY}/`: its sounds under `{SPACE_LIBRARY}/sounds/` and their stored embeddings.
 Add sounds by indexing them where you have the model and pushing the folder again (`python hub_pages.py space ...
@@ -261,7 +262,7 @@ Add sounds by indexing them where you have the model and pushing the folder agai
 """
     SpaceCard(card).save(os.path.join(space_dir, "README.md"))
     if sounds:
-        from audio_library import AudioLibrary, load_model
+        from audio_library import BROWSING_LIBRARY, AudioLibrary, load_model
 
         library_dir = os.path.join(space_dir, SPACE_LIBRARY)
         target = os.path.join(library_dir, "sounds")
@@ -270,7 +271,7 @@ Add sounds by indexing them where you have the model and pushing the folder agai
         if os.path.exists(os.path.join(library_dir, "library.json")):
             library = AudioLibrary(library_dir, loaded, processor)
         else:
-            library = AudioLibrary(library_dir, loaded, processor, model_id, create=True)
+            library = AudioLibrary(library_dir, loaded, processor, model_id, create=True, **BROWSING_LIBRARY)
         library.index(target)
     written = []
     for folder, _, names in os.walk(space_dir):

@@ -3,10 +3,10 @@ latency of a re-ranked search with the tokens stored against decoding the candid
 
     python benchmarks/library_storage.py [--config paper|demo] [--files 16] [--seconds 10] [--queries 3] [--json out.json]
 
-One library is indexed (random weights at the chosen size; `paper` is the report's BEATs iter3+ and bert-base
-Q-Former), then copied without its `tokens/` (as `index --no_tokens` makes it); both answer the same queries with
-`search(..., rerank=16)`, alternately, and must return the same ranking (the tokens are stored in float16, so scores
-differ by that rounding only). Plain search (no re-rank) is timed beside them for scale.
+One library is indexed with `keep_tokens=True` (random weights at the chosen size; `paper` is the report's BEATs
+iter3+ and bert-base Q-Former), then copied without its `tokens/` (as `index` leaves a library by default); both
+answer the same queries with `search(..., rerank=16)`, alternately, and must return the same ranking (the tokens are
+stored in float16, so scores differ by that rounding only). Plain search (no re-rank) is timed beside them for scale.
 """
 
 import argparse
@@ -64,9 +64,10 @@ def main(argv=None):
             t = np.arange(int(args.seconds * 16000)) / 16000
             wave = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 3000) * t) + 0.05 * rng.standard_normal(t.size)
             soundfile.write(os.path.join(sounds, f"clip{i:03d}.flac"), wave.astype(np.float32), 16000)
-        with_tokens = AudioLibrary(os.path.join(work, "with-tokens"), model, processor, None, create=True)
+        with_tokens = AudioLibrary(os.path.join(work, "with-tokens"), model, processor, None, create=True,
+                                   keep_tokens=True)  # fmt: skip
         with_tokens.index(sounds, show_progress=False)
-        # The same library without its tokens, as `index --no_tokens` leaves one: re-ranking decodes and runs BEATs.
+        # The same library without its tokens, as `index` leaves one by default: re-ranking decodes and runs BEATs.
         without = os.path.join(work, "without-tokens")
         shutil.copytree(with_tokens.directory, without, ignore=shutil.ignore_patterns("tokens"))
         config_path = os.path.join(without, LIBRARY_CONFIG)

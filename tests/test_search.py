@@ -550,7 +550,7 @@ def test_library_with_captions_and_the_caption_command(saved_model, sounds, tmp_
 
     folder = copy_of(sounds, tmp_path)
     lib = str(tmp_path / "lib")
-    assert main(["--library", lib, "index", str(folder), "--model", saved_model, "--captions"]) == 0
+    assert main(["--library", lib, "index", str(folder), "--model", saved_model, "--captions", "--keep_tokens"]) == 0
     capsys.readouterr()
     library = AudioLibrary.load(lib)
     keys = library.live_keys()
@@ -566,6 +566,11 @@ def test_library_with_captions_and_the_caption_command(saved_model, sounds, tmp_
     # A library indexed without captions does not get them half-way.
     plain = str(tmp_path / "plain")
     assert main(["--library", plain, "index", str(folder), "--model", saved_model]) == 0
+    # ... nor BEATs tokens, unless asked (--keep_tokens above): re-ranking then runs BEATs again, to the same order.
+    plain_library = AudioLibrary.load(plain)
+    assert plain_library.config["keep_tokens"] is False and len(plain_library.tokens) == 0 and len(library.tokens) == 6
+    with_tokens = [hit.path for hit in library.search(["a chirp"], k=4, rerank=4)[0]]
+    assert [hit.path for hit in plain_library.search(["a chirp"], k=4, rerank=4)[0]] == with_tokens
     with pytest.raises(SystemExit):
         main(["--library", plain, "index", str(folder), "--captions"])
     assert "indexed without captions" in capsys.readouterr().err
