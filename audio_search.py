@@ -17,6 +17,7 @@
 
 import argparse
 import csv
+import datetime
 import json
 import os
 import sys
@@ -27,6 +28,13 @@ import torch
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
 from audio_library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
                            open_dataset)  # fmt: skip
+
+
+# A process of an index launch that has embedded its share waits at a barrier for the others, which can take hours
+# (shares are equal in files, not in hours of audio): far beyond torch's default process-group timeout (30 min with
+# gloo, 10 min with NCCL), which would fail a healthy run. A dead peer is noticed at once all the same: its closed
+# connection fails the barrier, and the launcher stops the other processes.
+INDEX_BARRIER_TIMEOUT = datetime.timedelta(days=7)
 
 
 # --- command line --------------------------------------------------------------------------------------------------
@@ -163,7 +171,8 @@ def main(argv=None):
             from accelerate import PartialState
 
             # Without CUDA, processes that `accelerate launch --multi_gpu` started talk over gloo (cpu=True), as in train.py.
-            state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+            state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                                 timeout=INDEX_BARRIER_TIMEOUT)  # fmt: skip
             device = state.device if args.device == "auto" else args.device
             config_path = os.path.join(args.library, LIBRARY_CONFIG)
             if args.fast_cpu and args.beats_dtype == "bfloat16":

@@ -165,7 +165,8 @@ Next steps
   Publish: add --push_to_hub --hub_model_id you/audio-qformer (and --push_space you/audio-qformer-search) to the
   training command.
 
-Open the app on this model and library (Search, Similar, Classify; pip install -e ".[app]" first if gradio is missing):
+Open the app on this model and library (Search, Similar, Describe, Classify; pip install -e ".[app]" first if gradio
+is missing):
     {os.path.relpath(python, ROOT) if python.startswith(ROOT) else python} app.py --model {model_dir} --library {library}""")
 
 

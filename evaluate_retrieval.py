@@ -139,8 +139,12 @@ def evaluate_captions(model, processor, rows, clip_tokens, attributes_of: dict[s
 
 
 def format_caption_report(name: str, report: dict, examples: int = 5) -> str:
-    lines = [f"Captioning on {name}: {report['clips']} clips, {report['clips_per_second']:.1f} clips/s from cached "
-             f"BEATs tokens ({report['generation']}); BLEU-4 {100 * report['BLEU-4']:.2f}"]  # fmt: skip
+    settings = report["generation"]
+    beams = settings.get("num_beams", 1)
+    decoding = "greedy" if beams == 1 else f"beam search, {beams} beams"
+    decoding += f", {settings.get('min_length', 0)}-{settings.get('max_length')} tokens"
+    lines = [f"Captioning on {name}: {report['clips']} clips ({decoding}), {report['clips_per_second']:.1f} clips/s "
+             f"from cached BEATs tokens; BLEU-4 {100 * report['BLEU-4']:.2f}"]  # fmt: skip
     if "attributes_named_right" in report:
         lines += ["| attribute | named right | chance (captions of random clips) |", "|---|---:|---:|"]
         for attribute, share in report["attributes_named_right"].items():
