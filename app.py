@@ -29,7 +29,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from audio_io import AudioLoadError, caption_spans, load_audio  # noqa: E402
+from audio_io import AudioLoadError, load_audio  # noqa: E402
 from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
 
 
@@ -61,13 +61,11 @@ class SoundSearchApp:
 
     def describe(self, audio_path: str | None) -> list[dict]:
         """The model's caption of a clip: `[{"start_seconds", "caption"}]`, one part per window beyond 30 s."""
-        from captioning import caption_waveforms
+        from captioning import caption_parts, caption_waveforms
 
-        waveform = self._clip(audio_path)
-        rate = self.library.sampling_rate
-        spans = caption_spans(len(waveform), rate)
-        captions = caption_waveforms(self.library.model, self.library.processor, [waveform[a:b] for a, b in spans])
-        return [{"start_seconds": round(a / rate, 2), "caption": caption} for (a, _), caption in zip(spans, captions)]
+        parts = caption_parts(self._clip(audio_path), self.library.sampling_rate)
+        captions = caption_waveforms(self.library.model, self.library.processor, [samples for _, samples in parts])
+        return [{"start_seconds": start, "caption": caption} for (start, _), caption in zip(parts, captions)]
 
     @torch.no_grad()
     def classify(self, audio_path: str | None, labels: str) -> dict[str, float]:

@@ -379,8 +379,8 @@ class AudioLibrary:
                         library.embeddings.append(batch)
                         batch = []
                 library.embeddings.append(batch)
-                for folder, group in _folders_of(list(paths)).items():
-                    library.files[folder] = {path: paths[path] for path in group}
+                for folder, group in _folders_of(list(paths)).items():  # files the library already lists stay
+                    library.files.setdefault(folder, {}).update({path: paths[path] for path in group})
                 _write_json_atomically(os.path.join(directory, LIBRARY_FILES), library.files)
         finally:
             lock.close()
@@ -507,6 +507,8 @@ class AudioLibrary:
         `embedded` and `failed`; then the main process moves the shards' embeddings into one (`FeatureCache.consolidate`,
         so the library is the one a single process would build) and writes the file list.
         """
+        if isinstance(source, os.PathLike):
+            source = os.fspath(source)
         if isinstance(source, str) and not os.path.isdir(source):
             raise NotADirectoryError(f"{os.path.abspath(source)}: not a folder")
         several = state is not None and state.num_processes > 1
@@ -557,15 +559,16 @@ class AudioLibrary:
         folder = os.path.join(os.path.abspath(self.directory), DATASET_SOUNDS, re.sub(r"[^\w.-]+", "-", short).strip("-."))
         local, copied, missing = [], [], []
         for row, (path, data) in enumerate(_dataset_audio(dataset, audio_column, name)):
-            if path and os.path.isfile(path):
-                local.append(os.path.abspath(path))
-            elif data:
+            # The row's bytes when it has them: its path is then only a name (a Hub row's `clip1.wav` is no local file).
+            if data:
                 digest = hashlib.blake2b(data, digest_size=8).hexdigest()
                 target = os.path.join(folder, f"{digest}-{os.path.basename(path or '') or 'audio'}")
                 if write and not os.path.exists(target):  # named by its bytes: an existing file holds them already
                     os.makedirs(folder, exist_ok=True)
                     _write_atomically(target, data)
                 copied.append(target)
+            elif path and os.path.isfile(path):
+                local.append(os.path.abspath(path))
             else:
                 missing.append({"audio": path or f"{name} row {row}",
                                 "reason": "no such file, and the row holds no audio bytes"})  # fmt: skip
@@ -806,13 +809,20 @@ class AudioLibrary:
                          meta.get("caption"))  # fmt: skip
 
     def _window_tokens(self, key_rows: list[tuple[str, int]]) -> list[np.ndarray]:
-        """BEATs tokens of windows: stored ones, else computed again from the audio."""
-        tokens = []
+        """
+        BEATs tokens of windows: stored ones, else computed again from the audio (each file decoded once, the missing
+        windows through BEATs in one batch).
+        """
+        tokens, missing = {}, {}  # missing: file key -> its windows to compute
         for key, row in key_rows:
             window = row - self.embeddings.location(key)[1]
             if f"{key}#{window}" in self.tokens:
-                tokens.append(self.tokens.get(f"{key}#{window}"))
+                tokens[key, window] = self.tokens.get(f"{key}#{window}")
             else:
+                missing.setdefault(key, set()).add(window)
+        if missing:
+            wanted, waveforms = [], []
+            for key, windows in missing.items():
                 try:
                     waveform = load_audio(self.path_of(key), sampling_rate=self.sampling_rate)
                 except AudioLoadError as error:
@@ -821,9 +831,18 @@ class AudioLibrary:
                         "(opened from a dataset, or indexed without --keep_tokens), and its audio cannot be read "
                         f"({error.reason}). Put the sounds at their paths, or search without --rerank."
                     ) from error
-                _, windows = self.windows(waveform)
-                tokens.append(self.embed_waveforms([windows[window]])[1][0])
-        return tokens
+                cut = self.windows(waveform)[1]
+                wanted += [(key, window) for window in sorted(windows)]
+                waveforms += [cut[window] for window in sorted(windows)]
+            device, batch = next(self.model.parameters()).device, 8
+            for first in range(0, len(waveforms), batch):
+                inputs = self.processor.feature_extractor(
+                    waveforms[first : first + batch], sampling_rate=self.sampling_rate, return_tensors="pt"
+                )
+                states, mask = self._audio_hidden_states(inputs.to(device))
+                for item, state, length in zip(wanted[first : first + batch], states, mask.sum(-1).tolist()):
+                    tokens[item] = state[:length].to(torch.float16).cpu().numpy()  # as stored ones are
+        return [tokens[key, row - self.embeddings.location(key)[1]] for key, row in key_rows]
 
     @torch.no_grad()
     def search(

@@ -56,6 +56,11 @@ def _print_hits(query: str, hits: list[SearchHit], as_json: bool):
             print(f"{'':6}{hit.caption}")
 
 
+def _device(name: str) -> str:
+    """`--device` outside a launch: `auto` is CUDA when present, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def _caption(args, parser) -> int:
     """The `caption` command: captions of files (or every audio file under folders), without a library."""
     from audio_io import audio_files
@@ -68,6 +73,8 @@ def _caption(args, parser) -> int:
             parser.error("caption needs --model (or a --library whose model to use)")
         with open(config_path) as handle:
             name = json.load(handle)["model"]
+        if not name:
+            parser.error(f"{args.library} does not record its model: give --model")
     paths = []
     for item in args.files:
         if os.path.isdir(item):
@@ -78,7 +85,7 @@ def _caption(args, parser) -> int:
             raise FileNotFoundError(f"{item}: no such file or folder")
     if not paths:
         raise ValueError(f"No audio files in {', '.join(args.files)}.")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = _device(args.device)
     model, processor = load_model(name, device)
     results = caption_files(model, processor, paths, args.batch_size, show_progress=not args.json)
     for result in results:
@@ -177,7 +184,7 @@ def main(argv=None):
             config_path = os.path.join(args.library, LIBRARY_CONFIG)
             if args.fast_cpu and args.beats_dtype == "bfloat16":
                 parser.error("give --fast_cpu or --beats_dtype bfloat16, not both")
-            if (args.fast_cpu or args.captions or args.beats_dtype) and os.path.exists(config_path):
+            if (args.fast_cpu or args.captions or args.beats_dtype or args.keep_tokens) and os.path.exists(config_path):
                 with open(config_path) as handle:
                     existing = json.load(handle)
                 if args.fast_cpu and not existing.get("fast_cpu_encoder"):
@@ -185,6 +192,9 @@ def main(argv=None):
                 if args.beats_dtype and args.beats_dtype != existing.get("beats_dtype", "float32"):
                     parser.error(f"{args.library} runs BEATs in {existing.get('beats_dtype', 'float32')}; --beats_dtype "
                                  "applies to new libraries")  # fmt: skip
+                if args.keep_tokens and not existing.get("keep_tokens"):
+                    parser.error(f"{args.library} was indexed without BEATs tokens; --keep_tokens applies to new "
+                                 "libraries (re-ranking there runs BEATs on the candidates)")  # fmt: skip
                 if args.captions and not existing.get("captions"):
                     parser.error(f"{args.library} was indexed without captions; --captions applies to new libraries "
                                  "(index into a new --library)")  # fmt: skip
@@ -216,7 +226,7 @@ def main(argv=None):
         elif args.command == "caption":
             return _caption(args, parser)
         elif args.command == "import":
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            device = _device(args.device)
             library = AudioLibrary.from_dataset(args.dataset, args.library, args.model, device, args.hub_split)
             print(f"{args.library}: {len(library.live_keys())} files, {library.embeddings.shard_array(0).shape[0]} "
                   f"windows from {args.dataset}; nothing embedded")  # fmt: skip
@@ -236,7 +246,7 @@ def main(argv=None):
                     dataset.push_to_hub(args.push_to_hub, private=args.private or None)
                     print(f"Pushed to https://huggingface.co/datasets/{args.push_to_hub}")
         else:
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+            device = _device(args.device)
             library = AudioLibrary.load(args.library, device=device)
             if args.command == "search":
                 rerank = library.model.config.rerank_top_k if args.rerank == -1 else args.rerank

@@ -206,8 +206,8 @@ class DynamicInt8Linear(nn.Linear):
     """
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, dtype: torch.dtype = torch.float32) -> "DynamicInt8Linear":
-        """A copy of `linear` (float32 parameters; `dtype` is accepted for symmetry with `OneDnnLinear`)."""
+    def from_linear(cls, linear: nn.Linear) -> "DynamicInt8Linear":
+        """A copy of `linear` (float32 parameters; the int8 copy of the weight is packed on first use)."""
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
         if linear.bias is not None:

@@ -60,11 +60,17 @@ def caption_files(
                 results.append({"file": path, "error": error.reason})
                 continue
             results.append({"file": path, "captions": []})
-            parts += [(results[-1], first / rate, waveform[first:end]) for first, end in caption_spans(len(waveform), rate)]
+            parts += [(results[-1], start, samples) for start, samples in caption_parts(waveform, rate)]
         captions = caption_waveforms(model, processor, [samples for _, _, samples in parts], batch_size, **generate_kwargs)
         for (result, start, _), caption in zip(parts, captions):
-            result["captions"].append({"start_seconds": round(start, 2), "caption": caption})
+            result["captions"].append({"start_seconds": start, "caption": caption})
     return results
+
+
+def caption_parts(waveform: np.ndarray, sampling_rate: int) -> list[tuple[float, np.ndarray]]:
+    """`(start seconds, samples)` of what to caption in a clip: all of it up to 30 s, else each of its windows."""
+    return [(round(first / sampling_rate, 2), waveform[first:end])
+            for first, end in caption_spans(len(waveform), sampling_rate)]  # fmt: skip
 
 
 def bleu4(captions: list[str], references: list[list[str]]) -> float:
@@ -121,4 +127,7 @@ def shuffled_chance(attributes: list[dict]) -> dict[str, float]:
     return chance
 
 
-__all__ = ["attribute_accuracy", "bleu4", "caption_files", "caption_token_arrays", "caption_waveforms", "shuffled_chance"]
+__all__ = [
+    "attribute_accuracy", "bleu4", "caption_files", "caption_parts", "caption_token_arrays", "caption_waveforms",
+    "shuffled_chance",
+]  # fmt: skip

@@ -127,7 +127,9 @@ def evaluate_captions(model, processor, rows, clip_tokens, attributes_of: dict[s
     predicted = caption_token_arrays(model, processor, [clip_tokens(clip) for clip in clips], batch_size)
     seconds = time.perf_counter() - started
     report = {"clips": len(clips), "BLEU-4": bleu4(predicted, [references[clip] for clip in clips]),
-              "clips_per_second": len(clips) / seconds, "generation": model.generation_config.to_diff_dict(),
+              "clips_per_second": len(clips) / seconds,
+              "generation": {name: getattr(model.generation_config, name)
+                             for name in ("num_beams", "min_length", "max_length", "do_sample", "top_p")},
               "captions": [{"audio_id": clip, "caption": text, "references": references[clip]}
                            for clip, text in zip(clips, predicted)]}  # fmt: skip
     if attributes_of is not None:
@@ -140,9 +142,9 @@ def evaluate_captions(model, processor, rows, clip_tokens, attributes_of: dict[s
 
 def format_caption_report(name: str, report: dict, examples: int = 5) -> str:
     settings = report["generation"]
-    beams = settings.get("num_beams", 1)
-    decoding = "greedy" if beams == 1 else f"beam search, {beams} beams"
-    decoding += f", {settings.get('min_length', 0)}-{settings.get('max_length')} tokens"
+    decoding = "sampling" if settings["do_sample"] else "greedy" if settings["num_beams"] == 1 else "beam search"
+    decoding += f", {settings['num_beams']} beams" * (settings["num_beams"] > 1)
+    decoding += f", {settings['min_length']}-{settings['max_length']} tokens"
     lines = [f"Captioning on {name}: {report['clips']} clips ({decoding}), {report['clips_per_second']:.1f} clips/s "
              f"from cached BEATs tokens; BLEU-4 {100 * report['BLEU-4']:.2f}"]  # fmt: skip
     if "attributes_named_right" in report:

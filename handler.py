@@ -38,8 +38,9 @@ MAX_AUDIO_SECONDS = 600
 # transformers' zero-shot audio classification pipeline's default template.
 HYPOTHESIS_TEMPLATE = "This is a sound of {}."
 TASKS = ("zero-shot-audio-classification", "audio-embedding", "text-embedding", "text-to-audio-ranking", "caption")
-# The `generate` options a caption request may set, with their types.
-CAPTION_OPTIONS = {"num_beams": int, "max_length": int, "min_length": int, "do_sample": bool, "top_p": float}
+# The `generate` options a caption request may set: their types and, for numbers, the range allowed.
+CAPTION_OPTIONS = {"num_beams": (int, 1, 10), "max_length": (int, 2, 100), "min_length": (int, 0, 100),
+                   "do_sample": (bool, None, None), "top_p": (float, 0.0, 1.0)}  # fmt: skip
 
 
 class EndpointHandler:
@@ -146,12 +147,14 @@ class EndpointHandler:
     def _caption_options(parameters) -> dict:
         options = {name: parameters[name] for name in CAPTION_OPTIONS if name in parameters}
         for name, value in options.items():
-            kind = CAPTION_OPTIONS[name]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                    raise ValueError(f"parameters.{name} must be {kind.__name__}, got {value!r}.")
-        if not 1 <= options.get("num_beams", 1) <= 10 or not 2 <= options.get("max_length", 30) <= 100:
-            raise ValueError("parameters.num_beams must be 1 to 10 and parameters.max_length 2 to 100.")
+            kind, low, high = CAPTION_OPTIONS[name]
+            # bool is an int to Python; an int is a fine float
+            if not (type(value) is kind or (kind is float and type(value) is int)):
+                raise ValueError(f"parameters.{name} must be {kind.__name__}, got {value!r}.")
+            if low is not None and not low <= value <= high:
+                raise ValueError(f"parameters.{name} must be {low} to {high}, got {value!r}.")
+        if options.get("min_length", 0) > options.get("max_length", 30):
+            raise ValueError(f"parameters.min_length ({options['min_length']}) exceeds max_length.")
         return options
 
     def _decode(self, audio, index: int, count: int):

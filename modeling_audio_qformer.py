@@ -1232,11 +1232,10 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel, GenerationMixin):
         `(batch, layers, 2, heads, num_query_tokens, head_dim)`, what every caption token attends to besides the
         caption itself.
         """
-        if audio_attention_mask is None:
-            audio_attention_mask = torch.ones(
-                audio_hidden_states.shape[:2], dtype=torch.long, device=audio_hidden_states.device
-            )
-        layer_inputs = self._query_pass(audio_hidden_states, audio_attention_mask, output_hidden_states=True).hidden_states
+        beats = self._audio_inputs(None, None, audio_hidden_states, audio_attention_mask)  # the default mask
+        layer_inputs = self._query_pass(
+            beats.last_hidden_state, beats.audio_attention_mask, output_hidden_states=True
+        ).hidden_states
         keys_values = []
         for layer, layer_input in zip(self.qformer.encoder.layer, layer_inputs):
             attention = layer.attention.attention
@@ -1324,13 +1323,20 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel, GenerationMixin):
             input_ids = torch.full(
                 (caption_prefix.shape[0], 1), self.config.decoder_bos_token_id, device=caption_prefix.device
             )
-        if getattr(self.generation_config, "_from_model_config", False):
-            # A folder saved before captioning has no generation_config.json, and transformers derived one from its
-            # config, which says nothing of captions: take the caption defaults (and keep them, for `save_pretrained`).
-            self.generation_config = caption_generation_config(self.config)
+        cache_implementation = kwargs.get("cache_implementation") or getattr(generation_config, "cache_implementation", None)
+        if cache_implementation not in (None, "dynamic"):
+            # A caption token attends to every cached key without a mask: a cache of fixed size would hold empty slots.
+            raise ValueError(f"Captions are generated with a dynamic cache; got cache_implementation={cache_implementation!r}.")
         return super().generate(
             input_ids=input_ids, generation_config=generation_config, caption_prefix=caption_prefix, **kwargs
         )
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        # `from_pretrained` loads generation_config.json here; a folder saved before captioning has none, and
+        # transformers then derives one from config.json, which says nothing of captions: take the caption defaults.
+        super().adjust_generation_fn(*args, **kwargs)
+        if getattr(self.generation_config, "_from_model_config", False):
+            self.generation_config = caption_generation_config(self.config)
 
     # --- everything at once ------------------------------------------------------------------------------------------
 
@@ -1552,6 +1558,7 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel, GenerationMixin):
             audio_config=audio_model.config,
             qformer_config=qformer_config,
             decoder_bos_token_id=tokenizer.bos_token_id,
+            decoder_eos_token_id=tokenizer.sep_token_id,
             **config_overrides,
         )
         model = cls(config)

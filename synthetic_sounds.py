@@ -185,7 +185,7 @@ def named_attributes(caption: str) -> dict:
     """
     text = caption.lower()
     subjects = {key for key, wordings in SUBJECTS.items() if any(w in text for w in wordings)}
-    found = {"sound": None, "pitch": None}
+    found = {}
     for index, name in enumerate(("sound", "pitch")):
         values = {key[index] for key in subjects}
         found[name] = values.pop() if len(values) == 1 else None

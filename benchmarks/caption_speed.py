@@ -33,7 +33,9 @@ def whole_sequence_greedy(model, states, mask, max_length: int) -> torch.Tensor:
     ids = torch.full((states.shape[0], 1), model.config.decoder_bos_token_id)
     while ids.shape[1] < max_length:
         last = model._query_pass(states, mask, ids).last_hidden_state[:, -1]
-        ids = torch.cat([ids, model.lm_head(last).argmax(-1, keepdim=True)], dim=1)
+        logits = model.lm_head(last)
+        logits[:, model.config.decoder_eos_token_id] = -float("inf")  # held back, as min_length does on the other side
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids
 
 

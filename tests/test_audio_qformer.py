@@ -527,16 +527,20 @@ def test_fresh_process_auto_classes_give_equal_outputs(saved_model, tmp_path):
 
 def test_folder_saved_before_captioning_generates_with_the_caption_defaults(saved_model, tmp_path):
     # No generation_config.json (saved before `generate` existed): transformers derives one from config.json, which
-    # knows nothing of captions; `generate` then takes the caption defaults.
+    # knows nothing of captions; loading then takes the caption defaults.
     model, processor, directory = saved_model
     assert json.loads((directory / "generation_config.json").read_text())["num_beams"] == 3
     old = tmp_path / "old"
     shutil.copytree(directory, old)
     (old / "generation_config.json").unlink()
     reloaded = AudioQFormerModel.from_pretrained(old).eval()
+    assert reloaded.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
+    assert reloaded.generation_config.eos_token_id == 102 == processor.tokenizer.sep_token_id  # from_components: [SEP]
     states = torch.randn(2, 20, TINY_BEATS["encoder_embed_dim"])
     with torch.no_grad():
         assert torch.equal(reloaded.generate(audio_hidden_states=states), model.generate(audio_hidden_states=states))
+        with pytest.raises(ValueError, match="dynamic cache"):
+            reloaded.generate(audio_hidden_states=states, cache_implementation="static")
 
 
 def test_zero_shot_audio_classification_pipeline(saved_model):

@@ -66,22 +66,17 @@ def test_generation_is_deterministic_and_batched_equals_one_clip_at_a_time(capti
             assert torch.equal(row[: single.shape[0]], single)
 
 
-def test_beam_search_defaults_and_its_best_beam_scores_at_least_greedy(captioner, clips):
+def test_beam_search_defaults_and_min_length(captioner, clips):
     states, mask = clips
     config = captioner.generation_config
     assert (config.num_beams, config.max_length, config.min_length) == (3, 30, 8)
     assert (config.bos_token_id, config.eos_token_id) == (captioner.config.decoder_bos_token_id, 102)
+    eos = captioner.config.decoder_eos_token_id
     with torch.no_grad():
-        beams = captioner.generate(audio_hidden_states=states, audio_attention_mask=mask, max_length=10,
-                                   return_dict_in_generate=True, output_scores=True)  # fmt: skip
-        greedy = captioner.generate(audio_hidden_states=states, audio_attention_mask=mask, max_length=10, num_beams=1)
-
-        def log_probability(ids):
-            logits = whole_sequence_logits(captioner, states, mask, ids)[:, :-1]
-            return logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1)
-
-    assert beams.sequences.shape[1] == 10 and (beams.sequences[:, 1:8] != 102).all()  # min_length 8
-    assert (log_probability(beams.sequences) >= log_probability(greedy) - 1e-4).all()
+        # [SEP] made the likeliest token everywhere: held back until the 8th token, then it ends every caption.
+        captioner.lm_head.bias[eos] += 1e3
+        ids = captioner.generate(audio_hidden_states=states, audio_attention_mask=mask)
+    assert ids.shape == (3, 9) and (ids[:, 1:8] != eos).all() and (ids[:, 8] == eos).all()
 
 
 def test_sampling_follows_the_seed(captioner, clips):
@@ -153,17 +148,15 @@ def test_attribute_accuracy_on_hand_made_captions():
         attribute_accuracy(captions, [tone])
 
 
-def test_bleu4_perfect_none_and_references_padded():
+def test_bleu4_perfect_none_and_several_references():
     from captioning import bleu4
 
     references = [["a dog barks loudly in the distance", "a dog is barking far away"], ["rain falls on a tin roof"]]
     assert bleu4(["a dog barks loudly in the distance", "rain falls on a tin roof"], references) == pytest.approx(1.0)
     assert bleu4(["x y z w v", "q r s t u"], references) == pytest.approx(0.0)
-    # a clip with one reference counts it once, as if repeated
+    # Several references: a caption matching any one of them whole scores 1 (clips with fewer references are fine).
     partial = ["a dog barks in the distance", "rain falls on a roof"]
-    assert bleu4(partial, references) == pytest.approx(
-        bleu4(partial, [references[0], references[1] * 2])
-    )
+    assert bleu4(partial, [["a dog barks loudly", "a dog barks in the distance"], ["rain falls on a roof"]]) == pytest.approx(1.0)
     assert 0.2 < bleu4(partial, references) < 1.0
     with pytest.raises(ValueError):
         bleu4(partial, [references[0]])

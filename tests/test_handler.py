@@ -120,6 +120,7 @@ HANDLER_SCRIPT = """
         "unknown task": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "translate"}}}},
         "empty text": {{"inputs": {{"text": ["  "]}}}},
         "caption option": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption", "num_beams": "three"}}}},
+        "caption range": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption", "num_beams": 40}}}},
     }}
     out["errors"] = {{}}
     for name, payload in bad.items():
@@ -159,6 +160,7 @@ def test_handler_from_a_fresh_process(saved_folder, tmp_path):
     assert "Unknown task 'translate'" in errors["unknown task"]
     assert "needs non-empty texts" in errors["empty text"]
     assert "parameters.num_beams must be int" in errors["caption option"]
+    assert "parameters.num_beams must be 1 to 10, got 40" in errors["caption range"]
     # Captions: the model's generate on the decoded clip (beam search by default, options passed through); a clip
     # over 30 s is captioned window by window.
     assert out["caption"] == [{"start_seconds": 0.0, "caption": out["caption_expected"][0]}]

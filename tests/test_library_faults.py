@@ -242,7 +242,6 @@ def test_a_full_disk_stops_index_with_a_clear_error_and_a_rerun_completes_it(nea
     fill(60_000)  # room for about a third of the new files' tokens and embeddings
     assert main(index) == 2
     error = capsys.readouterr().err
-    print(error)
     assert (f"\naudio-qformer: error: The disk holding the library {library_dir} is full (No space left on device): "
             "free some space there, then run `audio-qformer index` again") in error
     library = AudioLibrary(str(library_dir), model, processor)

@@ -546,7 +546,7 @@ def test_library_with_captions_and_the_caption_command(saved_model, sounds, tmp_
     # `index --captions`: each file's caption is the model's caption of its first window's stored BEATs tokens, shown
     # by search (table and JSON) and similar; `caption` captions files without a library, and writes DCASE task 6A's
     # submission file.
-    from captioning import caption_files, caption_token_arrays
+    from captioning import caption_token_arrays
 
     folder = copy_of(sounds, tmp_path)
     lib = str(tmp_path / "lib")
@@ -574,13 +574,24 @@ def test_library_with_captions_and_the_caption_command(saved_model, sounds, tmp_
     with pytest.raises(SystemExit):
         main(["--library", plain, "index", str(folder), "--captions"])
     assert "indexed without captions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--library", plain, "index", str(folder), "--keep_tokens"])
+    assert "indexed without BEATs tokens" in capsys.readouterr().err
 
     (folder / "notes.wav").write_text("not audio")
     csv_path = tmp_path / "captions.csv"
     assert main(["caption", str(folder), "--model", saved_model, "--json", "--submission_csv", str(csv_path)]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     model, processor = load_model(saved_model)
-    assert lines == caption_files(model, processor, sorted(lines_path["file"] for lines_path in lines))
+    assert [line["file"] for line in lines] == sorted(str(p) for p in folder.rglob("*.*") if p.suffix in (".wav", ".flac"))
+    # each caption is the model's caption of the whole (short) file
+    from audio_io import load_audio
+
+    with torch.no_grad():
+        inputs = processor(audio=[load_audio(str(folder / "b.wav"))], sampling_rate=16000, return_tensors="pt")
+        expected_b = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)[0].strip()
+    assert next(line for line in lines if line["file"].endswith("b.wav"))["captions"] == [
+        {"start_seconds": 0.0, "caption": expected_b}]  # fmt: skip
     assert [line["error"] for line in lines if "error" in line] == ["unreadable audio (Format not recognised.)"]
     rows = list(csv.reader(open(csv_path)))
     assert rows[0] == ["file_name", "caption_predicted"] and len(rows) == 1 + 6
