@@ -259,7 +259,7 @@ class AudioLibrary:
         keep_tokens (`bool`, defaults to `False`): also store each window's BEATs tokens, for re-ranking without
             decoding audio again. Measured at the report's sizes (`benchmarks/library_storage.py`, Intel Xeon, 2
             cores): tokens take 762 kB per window against 16.5 kB for the embeddings (46 times; 511 MiB per hour of
-            long audio), and make a re-rank of the top 16 take 0.93 s per query instead of 10.0 s (BEATs run again on
+            long audio), and make a re-rank of the top 16 take 1.15 s per query instead of 5.0 s (BEATs run again on
             the 16 candidates). Searching without re-ranking, the default, needs no tokens, so they are kept only when
             asked for (the app asks: its re-rank switch is interactive).
         fast_cpu_encoder (`bool`, defaults to `False`): on the CPU, embed audio with BEATs' fast copy

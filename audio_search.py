@@ -126,7 +126,7 @@ def main(argv=None):
     index.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
     index.add_argument("--keep_tokens", action="store_true",
                        help="New library: also store each window's BEATs tokens (46x the embeddings' disk), so that "
-                            "--rerank needs no decoding and no BEATs (0.93 s instead of 10 s per query at the report's "
+                            "--rerank needs no decoding and no BEATs (1.15 s instead of 5.0 s per query at the report's "
                             "size on a 2-core CPU).")
     index.add_argument("--no_tokens", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12-01
     index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
