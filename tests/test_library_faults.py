@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import ROOT, make_waveform
-from test_search import saved_model, sounds  # noqa: F401 (the fixtures, shared)
+from test_search import KilledProcessOne, saved_model, sounds  # noqa: F401 (the fixtures, shared)
 
 from audio_library import AudioLibrary, LibraryDiskFullError, load_model
 from audio_search import main
@@ -329,24 +329,10 @@ def test_a_library_opened_while_a_run_finishes_lists_only_files_it_found_stored(
     1; a search opens the library just as the rerun moves them into shard 0 and lists them. Read in the other order,
     the entries (still in shard 1) and then the new list, search would refuse the library as unfinished.
     """
-    import contextlib
-
     import accelerate.utils
 
     import audio_library
     from feature_cache import FeatureCache
-
-    class KilledProcessOne:  # process 1 of a 2-process launch, killed at its wait after embedding (see test_search)
-        num_processes, process_index, is_main_process, waits = 2, 1, False, 0
-
-        def wait_for_everyone(self):
-            self.waits += 1
-            if self.waits == 2:
-                raise KeyboardInterrupt("killed")
-
-        @contextlib.contextmanager
-        def split_between_processes(self, items):
-            yield items[len(items) - len(items) // 2 :]
 
     model, processor = load_model(saved_model)
     library_dir = str(tmp_path / "lib")

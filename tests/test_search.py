@@ -1,5 +1,6 @@
 """The sound-library search engine and its CLI, and the Table-1 evaluation script, on generated audio and a tiny model."""
 
+import contextlib
 import csv
 import json
 import os
@@ -37,6 +38,22 @@ def sounds(tmp_path_factory):
     for i, (name, kind) in enumerate(zip(names, kinds)):
         soundfile.write(directory / name, make_waveform(1.0 + 0.5 * i, seed=i, kind=kind), 16000)
     return directory
+
+
+class KilledProcessOne:
+    """The `PartialState` of process 1 of a 2-process launch, killed at its first wait after embedding its share."""
+
+    num_processes, process_index, is_main_process = 2, 1, False
+    waits = 0
+
+    def wait_for_everyone(self):
+        self.waits += 1
+        if self.waits == 2:
+            raise KeyboardInterrupt("killed")
+
+    @contextlib.contextmanager
+    def split_between_processes(self, items):
+        yield items[len(items) - len(items) // 2 :]
 
 
 def copy_of(folder, tmp_path, name="lib-audio"):
@@ -505,22 +522,7 @@ def test_a_second_index_run_stops_while_one_holds_the_lock(saved_model, sounds, 
 def test_a_killed_multi_process_run_is_completed_by_the_next_run(saved_model, sounds, tmp_path, monkeypatch):
     """Process 1 of 2 stores its share in its own shard and is killed before the main process consolidates: search
     refuses the unfinished library with a clear message, and a plain rerun embeds the rest and consolidates."""
-    import contextlib
-
     import accelerate.utils
-
-    class KilledProcessOne:  # process 1 of a 2-process launch, killed at its first wait after embedding
-        num_processes, process_index, is_main_process = 2, 1, False
-        waits = 0
-
-        def wait_for_everyone(self):
-            self.waits += 1
-            if self.waits == 2:
-                raise KeyboardInterrupt("killed")
-
-        @contextlib.contextmanager
-        def split_between_processes(self, items):
-            yield items[len(items) - len(items) // 2 :]
 
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objects: objects)
     sounds = copy_of(sounds, tmp_path)
