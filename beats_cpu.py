@@ -64,11 +64,6 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def cpu_has_bfloat16_units() -> bool:
-    """Whether bfloat16 products run in hardware here (AVX512-BF16 or AMX), rather than emulated."""
-    return bool(BFLOAT16_FLAGS & cpu_flags())
-
-
 @functools.cache
 def int8_available() -> bool:
     """Whether this torch build has fbgemm's dynamic int8 linear (x86 CPUs with AVX2 or better)."""
@@ -378,7 +373,6 @@ __all__ = [
     "choose_fast_precision",
     "cpu_copy",
     "cpu_flags",
-    "cpu_has_bfloat16_units",
     "fast_precision_for",
     "int8_available",
     "product_speedup",
