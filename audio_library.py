@@ -28,6 +28,7 @@ again without embedding anything, and `index` also takes a `datasets.Dataset` of
 import contextlib
 import errno
 import hashlib
+import heapq
 import json
 import os
 import re
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS, AudioLoadError, audio_files, load_audio, window_starts
-from feature_cache import FeatureCache, clip_key, weights_fingerprint
+from feature_cache import FeatureCache, clip_key, weights_fingerprint, write_atomically
 from retrieval import rerank_with_matching_head, tokenize_texts
 from vector_search import exact_search
 
@@ -73,22 +74,8 @@ def load_model(name_or_path: str, device: str | torch.device = "cpu"):
     return model, AudioQFormerProcessor(feature_extractor, BertTokenizer.from_pretrained(name_or_path))
 
 
-def _write_atomically(path: str, data: bytes):
-    """Replace `path` by `data` whole or not at all: written to `path.partial`, fsynced, then renamed."""
-    try:
-        with open(path + ".partial", "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError:
-        with contextlib.suppress(OSError):  # e.g. a full disk: the previous `path` stays whole, and no half copy stays
-            os.remove(path + ".partial")
-        raise
-    os.replace(path + ".partial", path)
-
-
 def _write_json_atomically(path: str, value):
-    _write_atomically(path, json.dumps(value, indent=1).encode())
+    write_atomically(path, json.dumps(value, indent=1).encode())
 
 
 # --- the library as a `datasets` dataset -----------------------------------------------------------------------------
@@ -209,6 +196,23 @@ def _dataset_audio(dataset, audio_column: str, name: str):
     for batch in dataset.select_columns([audio_column]).iter(batch_size=64):
         for audio in batch[audio_column]:
             yield (audio.get("path"), audio.get("bytes")) if isinstance(audio, dict) else (audio, None)
+
+
+def balanced_shares(sizes: list[int], num_shares: int) -> list[list[int]]:
+    """
+    The indices of `sizes` dealt into `num_shares` shares of about equal total size, each share in ascending order:
+    largest first, each to the share with the least so far (ties: the lower share). The same sizes give the same
+    shares, so every process of a launch computes them alike. Shares by size rather than by count (as Accelerate's
+    `split_between_processes`): a library's file sizes, and so its durations, span orders of magnitude, and a launch
+    lasts as long as its slowest process.
+    """
+    totals = [(0, share) for share in range(num_shares)]  # a heap of (total size, share)
+    shares = [[] for _ in range(num_shares)]
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        total, share = heapq.heappop(totals)
+        shares[share].append(index)
+        heapq.heappush(totals, (total + sizes[index], share))
+    return [sorted(share) for share in shares]
 
 
 class LibraryBusyError(RuntimeError):
@@ -503,7 +507,7 @@ class AudioLibrary:
         nothing again. A row with neither is reported in `failed`.
 
         With an Accelerate `PartialState` of several processes (`accelerate launch`; every process calls this), each
-        process embeds its share of the new files (`split_between_processes`) into its own shard and reports its own
+        process embeds its share of the new files (`balanced_shares`: equal in bytes) into its own shard and reports its own
         `embedded` and `failed`; then the main process moves the shards' embeddings into one (`FeatureCache.consolidate`,
         so the library is the one a single process would build) and writes the file list.
         """
@@ -565,7 +569,7 @@ class AudioLibrary:
                 target = os.path.join(folder, f"{digest}-{os.path.basename(path or '') or 'audio'}")
                 if write and not os.path.exists(target):  # named by its bytes: an existing file holds them already
                     os.makedirs(folder, exist_ok=True)
-                    _write_atomically(target, data)
+                    write_atomically(target, data)
                 copied.append(target)
             elif path and os.path.isfile(path):
                 local.append(os.path.abspath(path))
@@ -587,8 +591,9 @@ class AudioLibrary:
         todo = [path for path in paths if keys[path] not in self.embeddings]
         new_files, shard = len(todo), 0
         if several:
-            with state.split_between_processes(todo) as share:
-                todo, shard = list(share), state.process_index
+            sizes = [os.path.getsize(path) if os.path.isfile(path) else 0 for path in todo]
+            share = balanced_shares(sizes, state.num_processes)[state.process_index]
+            todo, shard = [todo[i] for i in share], state.process_index
         failed, pending, pending_windows = [], [], 0
 
         def flush():
@@ -890,5 +895,5 @@ class AudioLibrary:
         return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
 
 
-__all__ = ["AudioLibrary", "LibraryBusyError", "LibraryDiskFullError", "SearchHit", "library_features", "load_model",
-           "open_dataset"]
+__all__ = ["AudioLibrary", "LibraryBusyError", "LibraryDiskFullError", "SearchHit", "balanced_shares", "library_features",
+           "load_model", "open_dataset"]

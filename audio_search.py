@@ -135,6 +135,11 @@ def main(argv=None):
                        help="New library: embed with BEATs' fast CPU copy (~exact): bfloat16 where the CPU has "
                             "bfloat16 units, int8 elsewhere with AVX2; the exact path (with a warning) where neither "
                             "measures faster.")
+    index.add_argument("--release_memory", action="store_true",
+                       help="On the CPU, let the C allocator hand freed memory back to the system at once (glibc's "
+                            "default). Without it index keeps freed memory for reuse (beats_cpu.keep_freed_memory): "
+                            "BEATs ran 1.08x (exact), 1.17x (int8) and 1.54x (bfloat16) as fast at batch 8 on a 2-core "
+                            "Xeon; memory freed is then held until the process ends.")
     index.add_argument("--vector_index", action="store_true",
                        help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
     index.add_argument("--beats_dtype", choices=["float32", "bfloat16"],
@@ -181,6 +186,10 @@ def main(argv=None):
             state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
                                  timeout=INDEX_BARRIER_TIMEOUT)  # fmt: skip
             device = state.device if args.device == "auto" else args.device
+            if torch.device(device).type == "cpu" and not args.release_memory:
+                from beats_cpu import keep_freed_memory
+
+                keep_freed_memory()  # BEATs' blocks of 48-94 MB per layer reused, not mapped afresh every batch
             config_path = os.path.join(args.library, LIBRARY_CONFIG)
             if args.fast_cpu and args.beats_dtype == "bfloat16":
                 parser.error("give --fast_cpu or --beats_dtype bfloat16, not both")

@@ -24,14 +24,18 @@ CPU capped at AVX2, 11x on a real AVX2-only CPU); and it keeps that choice only 
 `MIN_PRODUCT_SPEEDUP` times float32's on this CPU (one thread, a few milliseconds, once per process). Otherwise, or
 without AVX2, the exact float32 copy, with a warning saying why.
 
+`keep_freed_memory()` sets the C allocator up for BEATs' large blocks (process-wide; `audio-qformer index` calls it).
+
 Measured (`benchmarks/beats_speed.py`, `benchmarks/RESULTS.md`; random paper-size weights, 10 s clips, one thread):
 on a Xeon with AMX, bfloat16 ran 3.1x / 2.5x the exact copy at batch 1 / 8 and int8 1.75x / 1.68x; with that Xeon
 capped at AVX2 (`--emulate_avx2`) int8 ran 1.48x / 1.35x. Q-Former embeddings from the tokens against those from the
 exact tokens: cosine 0.9999996 (bfloat16) and 0.999998 (int8).
 """
 import copy
+import ctypes
 import functools
 import statistics
+import sys
 import time
 import warnings
 
@@ -50,6 +54,8 @@ BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}
 # least this much faster in it than in float32 when measured; the products are ~85% of BEATs' time (layer norms,
 # attention, convolutions stay as they are), so 1.2x there can never make the whole model slower.
 MIN_PRODUCT_SPEEDUP = 1.2
+# glibc's `mallopt` parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def cpu_flags() -> set[str]:
@@ -62,6 +68,32 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def keep_freed_memory() -> bool:
+    """
+    Have the C allocator (glibc) keep freed memory for reuse rather than hand it back to the system: every block from
+    the heap (no `mmap`) and the heap never trimmed. Process-wide, so called by the programs that run BEATs on the CPU
+    at length (`audio-qformer index`, unless `--release_memory`), never by the model; returns whether it applied
+    (glibc only: elsewhere nothing changes).
+
+    Why: at batch 8 BEATs allocates blocks of 48 and 94 MB in every pass (fc1's output and GELU's, 8 x 496 x 3072
+    floats; the attention bias, 8 x 12 x 496 x 496), above glibc's largest mmap threshold (32 MB), so each is a fresh
+    mapping whose pages are faulted in and zeroed, then unmapped, every layer of every batch (265k-535k page faults per
+    pass). Kept instead, on a 2-core Xeon with AMX at batch 8 (`benchmarks/allocator_speed.py`), the exact copy ran 1.08x
+    as fast, the int8 copy 1.17x, the bfloat16 copy 1.54x (1.04x / 1.11x for exact / int8 with the CPU capped at AVX2),
+    with no page faults and the same peak memory; at batch 1, whose blocks glibc already reuses, it changed nothing
+    there (0.99-1.01x) but ran 0.92x as fast under the AVX2 cap. The cost: memory freed is not handed back to the
+    system until the process exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's own symbol: musl also has mallopt, with other parameters
+    except (OSError, AttributeError):
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @functools.cache
@@ -375,5 +407,6 @@ __all__ = [
     "cpu_flags",
     "fast_precision_for",
     "int8_available",
+    "keep_freed_memory",
     "product_speedup",
 ]

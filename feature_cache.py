@@ -76,6 +76,20 @@ def clip_key(audio_path: str | None, audio_bytes: bytes | None = None) -> str:
     return "f:" + hashlib.blake2b(signature.encode(), digest_size=16).hexdigest()
 
 
+def write_atomically(path: str, data: bytes):
+    """Replace `path` by `data` whole or not at all: written to `path.partial`, fsynced, then renamed."""
+    try:
+        with open(path + ".partial", "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):  # e.g. a full disk: the previous `path` stays whole, and no half copy stays
+            os.remove(path + ".partial")
+        raise
+    os.replace(path + ".partial", path)
+
+
 class FeatureCache:
     """
     Blocks of `(rows, hidden_size)` float16 vectors under string keys, stored once and read memory-mapped: BEATs
@@ -201,16 +215,7 @@ class FeatureCache:
                     self._metadata[entry["key"]] = extra
         with open(data_path, "ab") as handle:
             handle.truncate(end)
-        try:
-            with open(index_path + ".tmp", "w") as handle:
-                handle.writelines(json.dumps(entry) + "\n" for entry in entries)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError:
-            with contextlib.suppress(OSError):  # e.g. a full disk: the index stays as it was
-                os.remove(index_path + ".tmp")
-            raise
-        os.replace(index_path + ".tmp", index_path)
+        write_atomically(index_path, "".join(json.dumps(entry) + "\n" for entry in entries).encode())
         return end // (2 * self.hidden_size)
 
     def append(self, items: list[tuple[str, np.ndarray, dict]], shard: int = 0):
@@ -391,4 +396,4 @@ def build_cache(
 
 
 
-__all__ = ["FeatureCache", "build_cache", "clip_key", "model_fingerprint", "weights_fingerprint"]
+__all__ = ["FeatureCache", "build_cache", "clip_key", "model_fingerprint", "weights_fingerprint", "write_atomically"]

@@ -2,7 +2,7 @@
 
     python benchmarks/beats_speed.py --unilm_beats_dir /path/to/unilm/beats [--json beats_speed.json]
         [--batch_sizes 1 8] [--repeats 5] [--threads N] [--baseline_rev GIT_REV] [--skip_qformer] [--device cuda]
-        [--precisions bfloat16 int8] [--emulate_avx2]
+        [--precisions bfloat16 int8] [--emulate_avx2] [--keep_freed_memory]
 
 Builds the iter3+ AS2M architecture (768 wide, 12 layers) in the official code with random, non-trivial weights,
 saves it in the official checkpoint format and loads that file into `BeatsModel`. Timed: the official model, the
@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_utils import (  # noqa: E402
+    AVX2_ENV,
     import_module_at_revision,
     interleaved_timing,
     machine_info,
@@ -82,12 +83,6 @@ GOAL_FAST_COSINE = 0.999
 GOAL_FAST_OVER_EXACT = 1.5
 
 # Each library's cap on the instruction sets it uses (read when the library starts: set before torch is imported).
-AVX2_ENV = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
-}
 FEATURE_FLAGS = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
 
 
@@ -149,6 +144,11 @@ def main():
         "threads than cores can be faster).",
     )
     parser.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="Keep freed memory for reuse (beats_cpu.keep_freed_memory), as audio-qformer index does on the CPU.",
+    )
+    parser.add_argument(
         "--baseline_rev",
         default=None,
         help="Also time BeatsModel from modeling_audio_qformer.py at this git revision (before/after ratios).",
@@ -174,6 +174,8 @@ def main():
     if args.emulate_avx2:
         real_flags = beats_cpu.cpu_flags()
         beats_cpu.cpu_flags = lambda: avx2_only(real_flags)
+    if args.keep_freed_memory and not beats_cpu.keep_freed_memory():
+        raise SystemExit("--keep_freed_memory: the C allocator here is not glibc's; nothing to keep.")
     if any(size < 1 for size in args.batch_sizes):
         raise ValueError(f"--batch_sizes must be positive, got {args.batch_sizes}.")
     if args.repeats < 1:
@@ -213,6 +215,7 @@ def main():
         + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in features["product_speedup"].items())
     )
     print(f"fast path: {fast_precision} ({chosen[1]})")
+    print("freed memory: " + ("kept for reuse (as index)" if args.keep_freed_memory else "glibc's default"))
     # Other precisions, timed whatever the fast path chose (int8 is the fast path on other CPUs).
     extra = {precision: cpu_copy(model, precision)[0] for precision in args.precisions
              if precision != fast_precision and (precision != "int8" or beats_cpu.int8_available())}  # fmt: skip

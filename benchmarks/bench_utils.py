@@ -16,6 +16,13 @@ from collections.abc import Callable
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Each library's instruction-set cap: run as on a CPU with AVX2 and no more (torch's own kernels, oneDNN, MKL, fbgemm).
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+}
 
 
 def cpu_model() -> str:

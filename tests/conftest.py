@@ -14,6 +14,15 @@ if os.path.join(ROOT, "benchmarks") not in sys.path:
     sys.path.append(os.path.join(ROOT, "benchmarks"))
 
 
+@pytest.fixture(autouse=True)
+def allocator_left_alone(monkeypatch):
+    """`audio-qformer index` run in the test process leaves glibc's settings alone (they hold for the whole process);
+    `test_keep_freed_memory_reuses_large_blocks` tests the real setting in processes of its own."""
+    import beats_cpu
+
+    monkeypatch.setattr(beats_cpu, "keep_freed_memory", lambda: False)
+
+
 def make_waveform(seconds: float, seed: int = 0, kind: str = "mix") -> np.ndarray:
     """A deterministic 16 kHz test signal: tone plus noise (`mix`), a rising chirp, or quiet noise."""
     rng = np.random.default_rng(seed)

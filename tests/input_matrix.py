@@ -636,7 +636,6 @@ def _check_tokens(case: AudioCase, outcome: Outcome, context: Context) -> list[s
 
 def cli_index_entry(context: Context, path: str) -> Outcome:
     """`audio-qformer index DIR` (`AudioLibrary.index`) on the input's folder, into one shared library."""
-    from audio_library import AudioLibrary
     from feature_cache import clip_key
 
     if not os.path.exists(path):

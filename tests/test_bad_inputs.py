@@ -162,7 +162,7 @@ def _install_kill_point(event: str, count: int):
             return write
 
         def write(self, data):
-            if self._what == event == "block":
+            if self._what == event and event in ("block", "reindex"):
                 hit(self._half(data))
             return self._handle.write(data)
 
@@ -176,7 +176,7 @@ def _install_kill_point(event: str, count: int):
         handle = builtins.open(path, mode, *args, **kwargs)
         name = os.path.basename(str(path))
         what = {
-            ("bin", "ab"): "block", ("jsonl", "a"): "index", ("tmp", "w"): "reindex"
+            ("bin", "ab"): "block", ("jsonl", "a"): "index", ("partial", "wb"): "reindex"
         }.get((name.rsplit(".", 1)[-1], mode))  # fmt: skip
         return Killable(handle, what) if name.startswith("shard-") and what else handle
 

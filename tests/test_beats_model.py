@@ -6,7 +6,6 @@ import pickle
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES, ROOT, make_waveform

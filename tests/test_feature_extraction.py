@@ -1,7 +1,6 @@
 """BeatsFeatureExtractor: Kaldi fbank against an independent implementation, batching, saving, and clear errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest

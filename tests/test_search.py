@@ -1,6 +1,5 @@
 """The sound-library search engine and its CLI, and the Table-1 evaluation script, on generated audio and a tiny model."""
 
-import contextlib
 import csv
 import json
 import os
@@ -12,8 +11,9 @@ import soundfile
 import torch
 from conftest import make_waveform, tiny_qformer_config
 
+import beats_cpu
 from audio_io import window_starts
-from audio_library import AudioLibrary, load_model
+from audio_library import AudioLibrary, balanced_shares, load_model
 from audio_search import main
 from modeling_audio_qformer import AudioQFormerModel, max_over_queries
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
@@ -51,15 +51,21 @@ class KilledProcessOne:
         if self.waits == 2:
             raise KeyboardInterrupt("killed")
 
-    @contextlib.contextmanager
-    def split_between_processes(self, items):
-        yield items[len(items) - len(items) // 2 :]
-
 
 def copy_of(folder, tmp_path, name="lib-audio"):
     target = tmp_path / name
     shutil.copytree(folder, target)
     return target
+
+
+def test_balanced_shares_deal_equal_bytes():
+    # One long file and many short ones: the long file alone in one share, the short ones in the other (by count, as
+    # split_between_processes, the long file would share its process with half the short ones).
+    assert balanced_shares([1000] + [100] * 10, 2) == [[0], list(range(1, 11))]
+    shares = balanced_shares([5, 9, 1, 7, 3, 3, 8], 3)
+    assert sorted(i for share in shares for i in share) == list(range(7))  # each index once
+    assert shares == [[1, 5], [2, 4, 6], [0, 3]]  # 9 + 3, 1 + 3 + 8, 5 + 7: 12 bytes each
+    assert balanced_shares([4, 4], 3) == [[0], [1], []] and balanced_shares([], 2) == [[], []]
 
 
 def test_window_starts():
@@ -248,15 +254,18 @@ def test_bfloat16_beats_library(saved_model, sounds, tmp_path, capsys):
         AudioLibrary(str(tmp_path / "bad"), *load_model(saved_model), saved_model, create=True, beats_dtype="fp8")
 
 
-def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys):
+def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys, monkeypatch):
     folder = copy_of(sounds, tmp_path)
     (folder / "notes.wav").write_text("this is a text file, not audio")
     lib = str(tmp_path / "lib")
+    kept = []  # index on the CPU keeps freed memory (process-wide: recorded here, not applied to the test process)
+    monkeypatch.setattr(beats_cpu, "keep_freed_memory", lambda: kept.append(True) or True)
     assert main(["--library", lib, "index", str(folder), "--model", saved_model]) == 0
     out = capsys.readouterr().out
     assert "7 audio files" in out and "6 embedded" in out and "1 unreadable" in out and "notes.wav" in out
-    assert main(["--library", lib, "index", str(folder)]) == 0
+    assert main(["--library", lib, "index", str(folder), "--release_memory"]) == 0
     assert "0 embedded, 6 already indexed" in capsys.readouterr().out
+    assert kept == [True]
 
     assert main(["--library", lib, "search", "a rising chirp", "quiet hiss", "-k", "3", "--rerank", "2", "--json"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -530,13 +539,14 @@ def test_a_killed_multi_process_run_is_completed_by_the_next_run(saved_model, so
     with pytest.raises(KeyboardInterrupt):
         library.index(str(sounds), show_progress=False, state=KilledProcessOne())
     stored = {library.embeddings.location(k)[0] for k in library.embeddings.keys()}
-    assert len(library.embeddings) == 3 and stored == {1}
+    share = len(library.embeddings)  # process 1's share: about half of the bytes
+    assert 0 < share < 6 and stored == {1}
     library.files = {str(sounds): {k: k for k in library.embeddings.keys()}}  # as if a file list named them
     with pytest.raises(ValueError, match="did not finish: run `audio-qformer index` on it again"):
         library.search(["a beep"], k=2)
     library.files = {}
     report = library.index(str(sounds), show_progress=False)
-    assert report["embedded"] == 3 and report["reused"] == 3
+    assert report["embedded"] == 6 - share and report["reused"] == share
     one = AudioLibrary(str(tmp_path / "one"), *load_model(saved_model), saved_model, create=True)
     one.index(str(sounds), show_progress=False)
     assert {library.embeddings.location(k)[0] for k in library.embeddings.keys()} == {0}
