@@ -104,6 +104,10 @@ def library_features(num_query_tokens: int, embed_dim: int):
             "window_seconds": Value("float64"),
             "hop_seconds": Value("float64"),
             "caption": Value("string"),  # the file's caption in a library indexed with captions, else null (optional)
+            # How BEATs ran (`index --beats_dtype`, `--fast_cpu`), so that files indexed into the imported library
+            # are embedded alike. Optional: exports made before 2026-12-01 lack them (float32, exact).
+            "beats_dtype": Value("string"),
+            "fast_cpu_encoder": Value("bool"),
         }
     )
 
@@ -368,8 +372,10 @@ class AudioLibrary:
             raise ValueError(f"{name}: audio_embeds are {dataset.features['audio_embeds'].shape}; the model makes {shape}.")
         windows = {setting: _only_value(dataset, setting, name) for setting in ("window_seconds", "hop_seconds")}
         captions = "caption" in dataset.column_names and any(c is not None for c in dataset.unique("caption"))
+        encoder = {setting: _only_value(dataset, setting, name) for setting in ("beats_dtype", "fast_cpu_encoder")
+                   if setting in dataset.column_names}  # fmt: skip
         library = cls(directory, model, processor, model_name, create=True, keep_tokens=False, captions=captions,
-                      **windows)  # fmt: skip
+                      **windows, **encoder)  # fmt: skip
         if any(library.config[setting] != value for setting, value in windows.items()):
             raise ValueError(f"{directory} cuts files into other windows than {name} ({windows}): open it in a new folder.")
         lock = library._lock_for_indexing()
@@ -406,8 +412,9 @@ class AudioLibrary:
         self._live_windows()  # refuses an empty or unfinished library, as search does
         keys = self.live_keys()
         queries, dim = self.model.config.num_query_tokens, self.model.config.embed_dim
-        settings = {"model": self.config["model"], "model_identity": self.config["model_identity"],
-                    "window_seconds": self.config["window_seconds"], "hop_seconds": self.config["hop_seconds"]}  # fmt: skip
+        settings = {name: self.config.get(name, default) for name, default in (
+            ("model", None), ("model_identity", None), ("window_seconds", None), ("hop_seconds", None),
+            ("beats_dtype", "float32"), ("fast_cpu_encoder", False))}  # fmt: skip
 
         def rows():
             for key in keys:

@@ -213,3 +213,23 @@ def test_captions_travel_with_the_export(saved_model, sounds, tmp_path):  # noqa
     expected = {(hit.path, hit.caption) for hit in original.search(TEXTS, k=6)[0]}
     assert {(hit.path, hit.caption) for hit in imported.search(TEXTS, k=6)[0]} == expected
     assert all(caption for _, caption in expected)
+
+
+def test_encoder_settings_travel_with_the_export(saved_model, sounds, tmp_path):  # noqa: F811
+    # How BEATs ran travels too, so that files indexed into the imported library are embedded as the others; an export
+    # without those columns (made before they existed) imports as the exact float32 encoder.
+    from datasets import load_dataset
+
+    lib = str(tmp_path / "lib")
+    library = AudioLibrary(lib, *load_model(saved_model), saved_model, create=True, beats_dtype="bfloat16")
+    library.index(str(sounds), show_progress=False)
+    assert main(["--library", lib, "export", str(tmp_path / "out")]) == 0
+    assert main(["--library", str(tmp_path / "imported"), "import", str(tmp_path / "out")]) == 0
+    imported = AudioLibrary.load(str(tmp_path / "imported"))
+    assert (imported.config["beats_dtype"], imported.config["fast_cpu_encoder"]) == ("bfloat16", False)
+    files = [os.path.join(tmp_path, "out", "data", "train-00000-of-00001.parquet")]
+    dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    older = dataset.remove_columns(["beats_dtype", "fast_cpu_encoder"])
+    opened = AudioLibrary.from_dataset(older, str(tmp_path / "older"))
+    assert (opened.config["beats_dtype"], opened.config["fast_cpu_encoder"]) == ("float32", False)
+    assert [h.path for h in opened.search(TEXTS, k=6)[0]] == [h.path for h in imported.search(TEXTS, k=6)[0]]
