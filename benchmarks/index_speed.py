@@ -1,6 +1,7 @@
 """Indexing end to end against embedding alone: does decoding audio slow `audio-qformer index` down?
 
     python benchmarks/index_speed.py [--config paper|demo] [--files 16] [--seconds 10] [--batch_size 8]
+        [--keep_freed_memory]
 
 Writes `--files` clips of `--seconds` (44.1 kHz stereo, alternately WAV, FLAC and MP3, so decoding and resampling cost
 what they cost on real libraries), then times, on the same files and the same model (random weights; `paper` is
@@ -12,6 +13,7 @@ BEATs iter3+ and a bert-base Q-Former, `demo` the demo preset's size), interleav
 - the same with decoding not overlapped (`ahead=0`: each file decoded while the model waits), the previous behaviour.
 
 Prints windows per second for each and the ratio of the end-to-end rates to embedding alone (the goal: >= 0.9).
+`--keep_freed_memory` sets the allocator as `audio-qformer index` does on the CPU (`beats_cpu.keep_freed_memory`).
 """
 
 import argparse
@@ -40,7 +42,13 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--keep_freed_memory", action="store_true", help="As `audio-qformer index` runs on the CPU.")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        from beats_cpu import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--keep_freed_memory: the C allocator here is not glibc's; nothing to keep.")
 
     import soundfile
     from transformers import AutoTokenizer
@@ -99,7 +107,8 @@ def main(argv=None):
 
     print_machine(machine_info())
     print(f"config {args.config}: {args.files} files of {args.seconds} s (44.1 kHz stereo WAV/FLAC/MP3), "
-          f"{num_windows} windows, batch {args.batch_size}, median of {args.repeats}")  # fmt: skip
+          f"{num_windows} windows, batch {args.batch_size}, median of {args.repeats}; freed memory "
+          f"{'kept for reuse (as index)' if args.keep_freed_memory else 'returned (glibc default)'}")  # fmt: skip
     alone = num_windows / median(seconds["embedding alone"])
     rows = []
     for name, values in seconds.items():
