@@ -219,6 +219,13 @@ def balanced_shares(sizes: list[int], num_shares: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:  # gone since it was listed: its process reports it unreadable
+        return 0
+
+
 class LibraryBusyError(RuntimeError):
     """Another run is indexing the library."""
 
@@ -412,9 +419,10 @@ class AudioLibrary:
         self._live_windows()  # refuses an empty or unfinished library, as search does
         keys = self.live_keys()
         queries, dim = self.model.config.num_query_tokens, self.model.config.embed_dim
-        settings = {name: self.config.get(name, default) for name, default in (
-            ("model", None), ("model_identity", None), ("window_seconds", None), ("hop_seconds", None),
-            ("beats_dtype", "float32"), ("fast_cpu_encoder", False))}  # fmt: skip
+        settings = {name: self.config[name] for name in ("model", "model_identity", "window_seconds", "hop_seconds")}
+        # Libraries made before these settings existed ran the exact float32 encoder.
+        settings |= {"beats_dtype": self.config.get("beats_dtype", "float32"),
+                     "fast_cpu_encoder": self.config.get("fast_cpu_encoder", False)}  # fmt: skip
 
         def rows():
             for key in keys:
@@ -514,9 +522,9 @@ class AudioLibrary:
         nothing again. A row with neither is reported in `failed`.
 
         With an Accelerate `PartialState` of several processes (`accelerate launch`; every process calls this), each
-        process embeds its share of the new files (`balanced_shares`: equal in bytes) into its own shard and reports its own
-        `embedded` and `failed`; then the main process moves the shards' embeddings into one (`FeatureCache.consolidate`,
-        so the library is the one a single process would build) and writes the file list.
+        process embeds its share of the new files (`balanced_shares`: equal in bytes) into its own shard and reports
+        its own `embedded` and `failed`; then the main process moves the shards' embeddings into one
+        (`FeatureCache.consolidate`, so the library is the one a single process would build) and writes the file list.
         """
         if isinstance(source, os.PathLike):
             source = os.fspath(source)
@@ -598,8 +606,7 @@ class AudioLibrary:
         todo = [path for path in paths if keys[path] not in self.embeddings]
         new_files, shard = len(todo), 0
         if several:
-            sizes = [os.path.getsize(path) if os.path.isfile(path) else 0 for path in todo]
-            share = balanced_shares(sizes, state.num_processes)[state.process_index]
+            share = balanced_shares([_file_size(path) for path in todo], state.num_processes)[state.process_index]
             todo, shard = [todo[i] for i in share], state.process_index
         failed, pending, pending_windows = [], [], 0
 
@@ -902,5 +909,5 @@ class AudioLibrary:
         return [self._hit(*hit) for hit in self._top_files(query, k, exclude={os.path.abspath(path)})[0]]
 
 
-__all__ = ["AudioLibrary", "LibraryBusyError", "LibraryDiskFullError", "SearchHit", "balanced_shares", "library_features",
-           "load_model", "open_dataset"]
+__all__ = ["AudioLibrary", "LibraryBusyError", "LibraryDiskFullError", "SearchHit", "balanced_shares",
+           "library_features", "load_model", "open_dataset"]

@@ -79,12 +79,12 @@ def keep_freed_memory() -> bool:
 
     Why: at batch 8 BEATs allocates blocks of 48 and 94 MB in every pass (fc1's output and GELU's, 8 x 496 x 3072
     floats; the attention bias, 8 x 12 x 496 x 496), above glibc's largest mmap threshold (32 MB), so each is a fresh
-    mapping whose pages are faulted in and zeroed, then unmapped, every layer of every batch (265k-535k page faults per
-    pass). Kept instead, on a 2-core Xeon with AMX at batch 8 (`benchmarks/allocator_speed.py`), the exact copy ran 1.08x
-    as fast, the int8 copy 1.17x, the bfloat16 copy 1.54x (1.04x / 1.11x for exact / int8 with the CPU capped at AVX2),
-    with no page faults and the same peak memory; at batch 1, whose blocks glibc already reuses, it changed nothing
-    there (0.99-1.01x) but ran 0.92x as fast under the AVX2 cap. The cost: memory freed is not handed back to the
-    system until the process exits.
+    mapping whose pages are faulted in and zeroed, then unmapped, every layer of every batch (265k-535k page faults
+    per pass). Kept instead, on a 2-core Xeon with AMX at batch 8 (`benchmarks/allocator_speed.py`), the exact copy ran
+    1.08x as fast, the int8 copy 1.17x, the bfloat16 copy 1.54x (1.04x / 1.11x for exact / int8 with the CPU capped at
+    AVX2), with no page faults and the same peak memory; at batch 1, whose blocks glibc already reuses, it changed
+    nothing there (0.99-1.01x) but ran 0.92x as fast under the AVX2 cap. The cost: memory freed is not handed back to
+    the system until the process exits.
     """
     if not sys.platform.startswith("linux"):
         return False

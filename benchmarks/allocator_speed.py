@@ -1,4 +1,4 @@
-"""BEATs on the CPU with glibc's default allocator against `beats_cpu.keep_freed_memory()` (what `audio-qformer index` runs).
+"""BEATs on the CPU with glibc's default allocator against `beats_cpu.keep_freed_memory()` (as `audio-qformer index`).
 
     python benchmarks/allocator_speed.py [--precisions float32 int8 bfloat16] [--batch_sizes 8 1] [--pairs 3]
         [--repeats 3] [--threads N] [--emulate_avx2] [--json allocator_speed.json]
@@ -11,7 +11,8 @@ builds the paper-size BEATs (iter3+ AS2M architecture, random weights), makes it
 it also reports its peak resident memory and the page faults of one pass. The table gives, per copy and batch size,
 the median clips/s of each side over the pairs and the median of the pairs' ratios (kept / default).
 
-`--emulate_avx2` starts every process with `bench_utils.AVX2_ENV`'s instruction-set caps (AVX2 only, as `beats_speed.py`).
+`--emulate_avx2` starts every process with `bench_utils.AVX2_ENV`'s instruction-set caps (AVX2 only, as
+`beats_speed.py`).
 """
 
 import argparse
@@ -85,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--json", help="Also write the results here.")
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.pairs < 1 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+    if min(*args.batch_sizes, args.pairs, args.repeats, 1 if args.threads is None else args.threads) < 1:
         parser.error("--batch_sizes, --pairs, --repeats and --threads must be positive")
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.worker:
