@@ -23,6 +23,7 @@ from beats_cpu import (
     choose_fast_precision,
     cpu_copy,
     int8_available,
+    keep_freed_memory,  # the function itself: the tests' autouse fixture replaces the module's attribute
 )
 from configuration_audio_qformer import BeatsConfig
 from modeling_audio_qformer import BeatsModel
@@ -332,3 +333,8 @@ def test_keep_freed_memory_reuses_large_blocks():
     assert results["default"][0] == "False" and results["kept"][0] == "True"
     assert results["default"][1] >= 64 * 2**20 / 2**21  # at least one fault per 2 MiB (huge pages), 4 KiB pages: 16384
     assert results["kept"][1] < 100
+
+
+def test_keep_freed_memory_changes_nothing_off_linux(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert keep_freed_memory() is False
