@@ -145,16 +145,36 @@ def _onednn_linear(dtype: torch.dtype = torch.float32):
     return op
 
 
-class OneDnnLinear(nn.Linear):
+class PackedWeightLinear(nn.Linear):
+    """
+    A linear layer that keeps a packed copy of its weight for a CPU library (`_packed(pack)`): built on first use,
+    rebuilt when the weight changes, and left out of copies and pickles (it is opaque to both), which build their own.
+    """
+
+    def _packed(self, pack):
+        # Inference tensors (weights copied under `torch.inference_mode`) keep no version counter.
+        key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
+        if self.__dict__.get("_packed_key") != key:
+            self._packed_weight = pack()
+            self._packed_key = key
+        return self._packed_weight
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_packed_weight", None)
+        state.pop("_packed_key", None)
+        return state
+
+
+class OneDnnLinear(PackedWeightLinear):
     """
     A linear layer for CPU inference through oneDNN, in its weight's dtype (float32 or bfloat16): the input is cast
     to it and the output stays in it, so that consecutive products need no casts (a float32 residual promotes the sum
     back). With `gelu`, the exact (erf) GELU is applied by oneDNN as the product is written (the layer's separate
     activation is then an identity). With autograd, on another device or without oneDNN: `F.linear`.
 
-    A bfloat16 weight is also kept in oneDNN's blocked layout, built on first use and rebuilt when the weight changes:
-    given the plain weight oneDNN reorders it in every call (6-10% of BEATs' bfloat16 products). That packed copy is
-    opaque and can be neither copied nor pickled, so copies of the module leave it out and build their own.
+    A bfloat16 weight is also kept in oneDNN's blocked layout (`PackedWeightLinear`): given the plain weight oneDNN
+    reorders it in every call (6-10% of BEATs' bfloat16 products).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gelu: bool = False, **kwargs):
@@ -173,18 +193,7 @@ class OneDnnLinear(nn.Linear):
     def _weight_for_onednn(self) -> torch.Tensor:
         if self.weight.dtype != torch.bfloat16:
             return self.weight
-        # Inference tensors (weights copied under `torch.inference_mode`) keep no version counter.
-        key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
-        if self.__dict__.get("_packed_key") != key:
-            self._packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
-            self._packed_key = key
-        return self._packed_weight
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_packed_weight", None)
-        state.pop("_packed_key", None)
-        return state
+        return self._packed(lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input = input.to(self.weight.dtype)
@@ -220,16 +229,15 @@ class CastingConv1d(nn.Conv1d):
         return self._conv_forward(input.to(self.weight.dtype), self.weight, self.bias)
 
 
-class DynamicInt8Linear(nn.Linear):
+class DynamicInt8Linear(PackedWeightLinear):
     """
     A linear layer for CPU inference with int8 products (fbgemm's dynamic quantization): the weight is quantized once
     per output channel (symmetric, to int8), each call quantizes its input per tensor (to 7 bits, so that AVX2's
     16-bit pair sums cannot saturate: the same numbers with and without VNNI), multiplies in int8 with int32 sums and
     returns float32. With autograd, on another device or for another dtype: `F.linear` on the float32 weight.
 
-    The float32 weight stays the parameter (so `weight.dtype` still names the residual stream's dtype); the packed int8
-    copy is built on first use and rebuilt when the weight changes, and copies and pickles leave it out, as
-    `OneDnnLinear` does with its packed bfloat16 weight.
+    The float32 weight stays the parameter (so `weight.dtype` still names the residual stream's dtype); the int8 copy
+    is fbgemm's packed weight (`PackedWeightLinear`).
     """
 
     @classmethod
@@ -241,30 +249,19 @@ class DynamicInt8Linear(nn.Linear):
             new.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         return new
 
-    def _packed_params(self):
-        key = (self.weight.data_ptr(), None if self.weight.is_inference() else self.weight._version)
-        if self.__dict__.get("_packed_key") != key:
-            weight = self.weight.detach()
-            scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-            zero_points = torch.zeros_like(scales, dtype=torch.long)
-            with warnings.catch_warnings():  # quantized tensors are deprecated in torch, yet fbgemm's packing takes them
-                warnings.simplefilter("ignore")
-                quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-                bias = None if self.bias is None else self.bias.detach()
-                self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
-            self._packed_key = key
-        return self._packed
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_packed", None)
-        state.pop("_packed_key", None)
-        return state
+    def _int8_pack(self):
+        weight = self.weight.detach()
+        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        zero_points = torch.zeros_like(scales, dtype=torch.long)
+        with warnings.catch_warnings():  # quantized tensors are deprecated in torch, yet fbgemm's packing takes them
+            warnings.simplefilter("ignore")
+            quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+            return torch.ops.quantized.linear_prepack(quantized, None if self.bias is None else self.bias.detach())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.device.type != "cpu" or input.dtype != torch.float32 or torch.is_grad_enabled():
             return F.linear(input, self.weight, self.bias)
-        return torch.ops.quantized.linear_dynamic(input, self._packed_params(), True)  # True: 7-bit inputs
+        return torch.ops.quantized.linear_dynamic(input, self._packed(self._int8_pack), True)  # True: 7-bit inputs
 
 
 def bfloat16_products_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -401,6 +398,7 @@ def cpu_copy(beats_model, precision: str = "fast"):
 __all__ = [
     "DynamicInt8Linear",
     "OneDnnLinear",
+    "PackedWeightLinear",
     "bfloat16_products_attention",
     "choose_fast_precision",
     "cpu_copy",
