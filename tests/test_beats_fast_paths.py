@@ -17,6 +17,7 @@ from transformers.utils import logging
 import beats_cpu
 from beats_cpu import (
     DynamicInt8Linear,
+    FftConv1d,
     OneDnnLinear,
     _onednn_linear,
     bfloat16_products_attention,
@@ -100,7 +101,7 @@ def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inpu
     # The copy multiplies in bfloat16 but returns float32 tokens and the same token mask.
     assert fast.encoder.layers[0].fc1.weight.dtype == torch.bfloat16
     assert fast.encoder.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    assert fast.encoder.pos_conv.weight.dtype == torch.bfloat16
+    assert isinstance(fast.encoder.pos_conv, FftConv1d) and fast.encoder.pos_conv.weight.dtype == torch.float32
     assert fast.patch_embedding.weight.dtype == fast.encoder.layers[0].final_layer_norm.weight.dtype == torch.float32
     assert not fast.training and not any(p.requires_grad for p in fast.parameters())
     assert quick.last_hidden_state.dtype == torch.float32
@@ -116,6 +117,7 @@ def test_fast_copy_is_close_and_leaves_the_model_exact(medium_model, padded_inpu
 def test_float32_copy_equals_the_model(medium_model, padded_inputs):
     exact, precision = cpu_copy(medium_model, "float32")
     assert precision == "float32" and isinstance(exact.encoder.layers[0].fc1, OneDnnLinear)
+    assert isinstance(exact.encoder.pos_conv, FftConv1d)
     with torch.inference_mode():
         reference = medium_model(**padded_inputs).last_hidden_state
         ours = exact(**padded_inputs).last_hidden_state
@@ -236,6 +238,55 @@ def test_fast_copy_survives_copying_and_pickling(medium_model, padded_inputs):
         assert not torch.equal(fast(**padded_inputs).last_hidden_state, first)
         fc1.weight.mul_(2.0)  # exact in bfloat16 (a power of two)
         assert torch.equal(fast(**padded_inputs).last_hidden_state, first)
+
+
+@pytest.mark.parametrize(
+    "channels, groups, kernel, padding, length, batch, bias",
+    [
+        (768, 16, 128, 64, 496, 2, True),  # BEATs' positional convolution on a 10 s clip: 4 blocks
+        (768, 16, 128, 64, 3000, 1, True),  # 60 s: 24 blocks
+        (64, 8, 32, 16, 7, 3, True),  # shorter than the kernel, within one block
+        (12, 3, 5, 2, 40, 1, False),  # odd kernel, no bias
+        (16, 16, 3, 0, 10, 2, True),  # depthwise, no padding
+        (8, 1, 4, 3, 100, 2, True),  # one group, padding other than kernel // 2
+    ],
+)
+def test_fft_conv1d_equals_the_convolution(channels, groups, kernel, padding, length, batch, bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(channels, channels, kernel, padding=padding, groups=groups, bias=bias)
+    x = torch.randn(batch, channels, length)
+    fft_conv = FftConv1d.from_conv(conv)
+    with torch.inference_mode():
+        reference, output = conv(x), fft_conv(x)
+    assert output.shape == reference.shape
+    # float32 rounding of another algorithm: measured at most 5e-7 of the largest output
+    torch.testing.assert_close(output, reference, atol=2e-6 * reference.abs().max().item(), rtol=0)
+    assert fft_conv.state_dict().keys() == conv.state_dict().keys()
+
+
+def test_fft_conv1d_falls_back_and_repacks():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(8, 8, 4, padding=2, groups=2)
+    fft_conv = FftConv1d.from_conv(conv)
+    x = torch.randn(2, 8, 30)
+    with torch.inference_mode():
+        output = fft_conv(x)
+        assert torch.equal(copy.deepcopy(fft_conv)(x), output)
+        assert torch.equal(pickle.loads(pickle.dumps(fft_conv))(x), output)
+        fft_conv.weight.mul_(2.0)  # a changed weight gets new spectra rather than stale ones
+        torch.testing.assert_close(fft_conv(x) - fft_conv.bias[:, None], 2 * (output - fft_conv.bias[:, None]))
+        fft_conv.weight.mul_(0.5)
+        strided = FftConv1d.from_conv(torch.nn.Conv1d(8, 8, 4, stride=2, groups=2))  # not what the FFT path does
+        assert torch.equal(strided(x), F.conv1d(x, strided.weight, strided.bias, stride=2, groups=2))
+        with pytest.raises(RuntimeError):  # shorter than the kernel without padding: the convolution's own error
+            FftConv1d.from_conv(torch.nn.Conv1d(8, 8, 4, groups=2))(x[..., :2])
+    with torch.enable_grad():  # autograd takes the convolution itself
+        trained = FftConv1d.from_conv(conv).requires_grad_()
+        trained(x).sum().backward()
+        assert trained.weight.grad is not None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
