@@ -20,11 +20,12 @@ modules, some of them replaced:
   fbgemm (`DynamicInt8Linear`: weights per output channel, inputs quantized per call); the position gates, patch
   embedding, positional convolution, attention, norms and residuals stay float32, and so does the output.
 
-`"fast"` picks by the CPU's flags (`choose_fast_precision`): bfloat16 where it has bfloat16 units (AVX512-BF16 or
-AMX); int8 elsewhere with AVX2 (there oneDNN has no bfloat16 product: bfloat16 ran 6-8x slower than float32 with the
-CPU capped at AVX2, 11x on a real AVX2-only CPU); and it keeps that choice only if its products measured at least
-`MIN_PRODUCT_SPEEDUP` times float32's on this CPU (one thread, a few milliseconds, once per process). Otherwise, or
-without AVX2, the exact float32 copy, with a warning saying why.
+`"fast"` picks by the CPU's flags and a measurement (`choose_fast_precision`): bfloat16 where it has bfloat16 units
+(AVX512-BF16 or AMX); int8 with AVX2 and no bfloat16 units (there oneDNN has no bfloat16 product: bfloat16 ran 6-8x
+slower than float32 with the CPU capped at AVX2, 11x on a real AVX2-only CPU), or with both where int8's products
+measured `INT8_OVER_BFLOAT16` times bfloat16's (AMD Zen 4: AVX512-BF16 at half width, AVX512-VNNI int8); and it keeps
+that choice only if its products measured at least `MIN_PRODUCT_SPEEDUP` times float32's on this CPU (one thread, a
+few milliseconds, once per process). Otherwise, or without AVX2, the exact float32 copy, with a warning saying why.
 
 `keep_freed_memory()` sets the C allocator up for BEATs' large blocks (process-wide; `audio-qformer index` calls it).
 
@@ -56,6 +57,10 @@ BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}
 # least this much faster in it than in float32 when measured; the products are ~85% of BEATs' time (layer norms,
 # attention, convolutions stay as they are), so 1.2x there can never make the whole model slower.
 MIN_PRODUCT_SPEEDUP = 1.2
+# Where a CPU has both (bfloat16 units and AVX2), int8 must measure this much faster than bfloat16 to be chosen: on a
+# Zen 4 its products ran 3.2x float32's against bfloat16's 2.1-2.7x (whole BEATs: 2.1-2.2x against 1.5-1.9x); on a
+# Xeon with AMX 2.7x against 7.5x.
+INT8_OVER_BFLOAT16 = 1.1
 # glibc's `mallopt` parameters (<malloc.h>)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -114,18 +119,19 @@ def int8_available() -> bool:
     return True
 
 
-def fast_precision_for(flags: set[str]) -> tuple[str, str]:
+def fast_precision_for(flags: set[str]) -> list[tuple[str, str]]:
     """
-    The precision `cpu_copy(..., "fast")` tries first on a CPU with these flags, and why. bfloat16 where products
-    run on bfloat16 units; elsewhere int8 (fbgemm's int8 products need AVX2; bfloat16 would be emulated, eleven times
-    slower than float32 on an AVX2-only CPU); else float32.
+    The precisions `cpu_copy(..., "fast")` may use on a CPU with these flags, each with why: bfloat16 where products
+    run on bfloat16 units; int8 with AVX2 (fbgemm's int8 products; bfloat16 would be emulated there, eleven times
+    slower than float32 on an AVX2-only CPU). Empty where neither applies (float32 then).
     """
+    candidates = []
     units = sorted(BFLOAT16_FLAGS & flags)
     if units:
-        return "bfloat16", f"bfloat16 units ({', '.join(units)})"
+        candidates.append(("bfloat16", f"bfloat16 units ({', '.join(units)})"))
     if "avx2" in flags and int8_available():
-        return "int8", "no bfloat16 units (avx512_bf16 or amx_bf16); int8 products (fbgemm, AVX2)"
-    return "float32", "neither bfloat16 units (avx512_bf16 or amx_bf16) nor AVX2 for int8 products"
+        candidates.append(("int8", "int8 products (fbgemm, AVX2 or better)"))
+    return candidates
 
 
 @functools.cache
@@ -402,17 +408,28 @@ def product_speedup(precision: str, in_features: int, out_features: int, rows: i
 
 def choose_fast_precision(width: int, ffn_width: int) -> tuple[str, str]:
     """
-    The precision of `cpu_copy(..., "fast")` for a BEATs of this width and feed-forward width, and why: the CPU's
-    flags name a candidate (`fast_precision_for`), kept only if its largest product measured at least
-    `MIN_PRODUCT_SPEEDUP` times float32's here (so the fast copy never runs slower than the exact one), else float32.
+    The precision of `cpu_copy(..., "fast")` for a BEATs of this width and feed-forward width, and why. The CPU's flags
+    name the candidates (`fast_precision_for`); each one's largest product is measured here against float32's
+    (`product_speedup`). Where both apply (AVX512-BF16 without AMX, e.g. AMD Zen 4), int8 is taken only if it measured
+    `INT8_OVER_BFLOAT16` times bfloat16's speed: bfloat16 tokens are ~20x closer to the exact ones. The choice is kept
+    only if it measured at least `MIN_PRODUCT_SPEEDUP` times float32's (so the fast copy never runs slower than the
+    exact one), else float32.
     """
-    precision, reason = fast_precision_for(cpu_flags())
-    if precision == "float32":
-        return precision, reason
-    speedup = product_speedup(precision, width, ffn_width)
-    if speedup < MIN_PRODUCT_SPEEDUP:
-        return "float32", f"{reason}, but they measured {speedup:.2f}x float32's speed here (< {MIN_PRODUCT_SPEEDUP}x)"
-    return precision, f"{reason}: {speedup:.1f}x float32's speed here"
+    candidates = fast_precision_for(cpu_flags())
+    if not candidates:
+        return "float32", "neither bfloat16 units (avx512_bf16 or amx_bf16) nor AVX2 for int8 products"
+    speedups = {precision: product_speedup(precision, width, ffn_width) for precision, _ in candidates}
+    reasons = dict(candidates)
+    precision = candidates[0][0]
+    if len(candidates) == 2 and speedups["int8"] >= INT8_OVER_BFLOAT16 * speedups["bfloat16"]:
+        precision = "int8"
+    measured = ", ".join(f"{name} {speedups[name]:.2f}x" for name in speedups)
+    reason = f"{reasons[precision]}; products measured at {measured} float32's speed here"
+    if "bfloat16" not in reasons:
+        reason = f"no bfloat16 units (avx512_bf16 or amx_bf16); {reason}"
+    if speedups[precision] < MIN_PRODUCT_SPEEDUP:
+        return "float32", f"{reason} (< {MIN_PRODUCT_SPEEDUP}x)"
+    return precision, reason
 
 
 def cpu_copy(beats_model, precision: str = "fast"):
