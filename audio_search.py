@@ -132,9 +132,9 @@ def main(argv=None):
     index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
     index.add_argument("--hop_seconds", type=float, default=HOP_SECONDS)
     index.add_argument("--fast_cpu", action="store_true",
-                       help="New library: embed with BEATs' fast CPU copy (~exact): bfloat16 where the CPU has "
-                            "bfloat16 units, int8 elsewhere with AVX2; the exact path (with a warning) where neither "
-                            "measures faster.")
+                       help="New library: embed with BEATs' fast CPU copy (~exact): bfloat16 or int8 products, "
+                            "whichever this CPU runs faster (bfloat16 needs bfloat16 units, int8 AVX2); the exact path "
+                            "(with a warning) where neither measures faster.")
     index.add_argument("--release_memory", action="store_true",
                        help="On the CPU, let the C allocator hand freed memory back to the system at once (glibc's "
                             "default). Without it index keeps freed memory for reuse (beats_cpu.keep_freed_memory): "
