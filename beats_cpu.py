@@ -12,7 +12,8 @@ modules, some of them replaced:
 - in every copy the positional convolution runs through the FFT in float32 (`FftConv1d`: the convolution's outputs up
   to rounding, ~1e-6 relative, in a tenth of its time);
 - `"float32"`: every linear layer runs through oneDNN's float32 product instead of `F.linear`'s MKL one (the same
-  arithmetic, outputs differing by rounding, ~1e-6), and `fc1` applies the exact GELU as a oneDNN post-op;
+  arithmetic, outputs differing by rounding, ~1e-6), and on CPUs with AVX-512 `fc1` applies the exact GELU as a
+  oneDNN post-op (with AVX2 only, ATen's GELU after the product is faster);
 - `"bfloat16"`: in the transformer layers the linear layers hold bfloat16 weights (oneDNN's packed layout for the
   products) and the attention runs as two bfloat16 products (`bfloat16_products_attention`); patch embedding,
   positional convolution, residuals and layer norms stay float32, the output is float32;
@@ -458,6 +459,10 @@ def cpu_copy(beats_model, precision: str = "fast"):
         raise ValueError(f"precision must be 'fast', 'float32', 'bfloat16' or 'int8'; got {precision!r}.")
     if precision == "int8" and not int8_available():
         raise ValueError("precision 'int8' needs fbgemm's dynamic int8 linear, which this torch build or CPU lacks.")
+    # The exact GELU, which oneDNN can apply as fc1 writes its output (fbgemm cannot); with AVX-512 only: where oneDNN
+    # has AVX2 alone its GELU ran slower than ATen's after the product (CPUs capped at AVX2: Zen 4, the exact copy
+    # 1.03-1.04x faster unfused, outputs equal; Xeon, 3.4 against 0.56 ms a layer), uncapped it was even (0.98-1.01x).
+    fuse_gelu = beats_model.config.activation_fn == "gelu" and precision != "int8" and "avx512f" in cpu_flags()
     fast = copy.deepcopy(beats_model).eval().requires_grad_(False)
     if fast.post_extract_proj is not None:  # before the layers: float32 in every copy
         fast.post_extract_proj = OneDnnLinear.from_linear(fast.post_extract_proj, torch.float32)
@@ -467,10 +472,8 @@ def cpu_copy(beats_model, precision: str = "fast"):
             setattr(attention, name, _linear_copy(getattr(attention, name), precision))
         if hasattr(attention, "grep_linear"):  # 8 outputs per head, for the position gates: tiny, kept out of int8
             attention.grep_linear = _linear_copy(attention.grep_linear, "float32" if precision == "int8" else precision)
-        # the exact GELU, which oneDNN can apply with fc1 (fbgemm cannot)
-        gelu = fast.config.activation_fn == "gelu" and precision != "int8"
-        layer.fc1 = _linear_copy(layer.fc1, precision, gelu=gelu)
-        if gelu:
+        layer.fc1 = _linear_copy(layer.fc1, precision, gelu=fuse_gelu)
+        if fuse_gelu:
             layer.activation = nn.Identity()
         layer.fc2 = _linear_copy(layer.fc2, precision)
     fast.encoder.pos_conv = FftConv1d.from_conv(fast.encoder.pos_conv)  # float32 in every copy

@@ -124,6 +124,20 @@ def test_float32_copy_equals_the_model(medium_model, padded_inputs):
     torch.testing.assert_close(ours, reference, atol=2e-5, rtol=0)  # float32 rounding of another kernel
 
 
+def test_float32_copy_fuses_gelu_only_with_avx512(medium_model, padded_inputs, monkeypatch):
+    # oneDNN's GELU post-op pays only where it has AVX-512; with AVX2 alone fc1 is followed by ATen's GELU: same numbers.
+    copies = {}
+    for flags in ({"avx2", "fma", "avx512f"}, {"avx2", "fma"}):
+        monkeypatch.setattr(beats_cpu, "cpu_flags", lambda flags=flags: flags)
+        copies["avx512f" in flags], _ = cpu_copy(medium_model, "float32")
+    fused, unfused = copies[True].encoder.layers[0], copies[False].encoder.layers[0]
+    assert fused.fc1.gelu and isinstance(fused.activation, torch.nn.Identity)
+    assert not unfused.fc1.gelu and not isinstance(unfused.activation, torch.nn.Identity)
+    with torch.inference_mode():
+        torch.testing.assert_close(copies[False](**padded_inputs).last_hidden_state,
+                                   copies[True](**padded_inputs).last_hidden_state, atol=1e-5, rtol=0)  # fmt: skip
+
+
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="no fbgemm dynamic int8 linear in this torch build")
 
 
