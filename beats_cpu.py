@@ -10,7 +10,7 @@ torch ops (`torch.ops.mkldnn`, `torch.ops.quantized`), which the model files tha
 modules, some of them replaced:
 
 - in every copy the positional convolution runs through the FFT in float32 (`FftConv1d`: the convolution's outputs up
-  to rounding, ~1e-6 relative, in a tenth of its time);
+  to rounding, ~1e-6 relative, 7-10x faster than the direct convolution);
 - `"float32"`: every linear layer runs through oneDNN's float32 product instead of `F.linear`'s MKL one (the same
   arithmetic, outputs differing by rounding, ~1e-6), and on CPUs with AVX-512 `fc1` applies the exact GELU as a
   oneDNN post-op (with AVX2 only, ATen's GELU after the product is faster);
@@ -229,9 +229,10 @@ class OneDnnLinear(PackedWeightLinear):
 class FftConv1d(PackedWeight, nn.Conv1d):
     """
     A 1-d convolution computed through the FFT (overlap-save), for BEATs' positional convolution: the same outputs as
-    `nn.Conv1d` up to float32 rounding (relative ~1e-6), in a tenth of the time. Why: that convolution (768 channels
-    in 16 groups, kernel 128) is 4.7 GFLOP per 10 s clip done directly, and oneDNN ran it at 110-120 GFLOP/s (37-45 ms
-    a clip on this project's CPUs, 8-9% of the int8 copy's time); through the FFT its products are 0.15 GFLOP.
+    `nn.Conv1d` up to float32 rounding (relative ~1e-6), 7-10x faster. Why: that convolution (768 channels in 16
+    groups, kernel 128) is 4.7 GFLOP per 10 s clip done directly, and oneDNN ran it at 100-125 GFLOP/s (37-45 ms a clip
+    on a 2-core Zen 4, capped at AVX2 or not: 8-9% of the int8 copy's time); through the FFT its products are 0.15
+    GFLOP.
 
     The time axis is cut into blocks of `n - kernel + 1` outputs, each read from `n` inputs (`n`, the FFT size: a power
     of two at least twice the kernel); per frequency each group's output is its `(out, in)` matrix of the kernels'
