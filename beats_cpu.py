@@ -121,18 +121,18 @@ def int8_available() -> bool:
     return True
 
 
-def fast_precision_for(flags: set[str]) -> list[tuple[str, str]]:
+def fast_precision_for(flags: set[str]) -> dict[str, str]:
     """
-    The precisions `cpu_copy(..., "fast")` may use on a CPU with these flags, each with why: bfloat16 where products
+    The precisions `cpu_copy(..., "fast")` may use on a CPU with these flags, each mapped to why: bfloat16 where products
     run on bfloat16 units; int8 with AVX2 (fbgemm's int8 products; bfloat16 would be emulated there, eleven times
     slower than float32 on an AVX2-only CPU). Empty where neither applies (float32 then).
     """
-    candidates = []
+    candidates = {}
     units = sorted(BFLOAT16_FLAGS & flags)
     if units:
-        candidates.append(("bfloat16", f"bfloat16 units ({', '.join(units)})"))
+        candidates["bfloat16"] = f"bfloat16 units ({', '.join(units)})"
     if "avx2" in flags and int8_available():
-        candidates.append(("int8", "int8 products (fbgemm, AVX2 or better)"))
+        candidates["int8"] = "int8 products (fbgemm, AVX2 or better)"
     return candidates
 
 
@@ -418,13 +418,12 @@ def choose_fast_precision(width: int, ffn_width: int) -> tuple[str, str]:
     only if it measured at least `MIN_PRODUCT_SPEEDUP` times float32's (so the fast copy never runs slower than the
     exact one), else float32.
     """
-    candidates = fast_precision_for(cpu_flags())
-    if not candidates:
+    reasons = fast_precision_for(cpu_flags())
+    if not reasons:
         return "float32", "neither bfloat16 units (avx512_bf16 or amx_bf16) nor AVX2 for int8 products"
-    speedups = {precision: product_speedup(precision, width, ffn_width) for precision, _ in candidates}
-    reasons = dict(candidates)
-    precision = candidates[0][0]
-    if len(candidates) == 2 and speedups["int8"] >= INT8_OVER_BFLOAT16 * speedups["bfloat16"]:
+    speedups = {precision: product_speedup(precision, width, ffn_width) for precision in reasons}
+    precision = "bfloat16" if "bfloat16" in reasons else "int8"
+    if reasons.keys() == {"bfloat16", "int8"} and speedups["int8"] >= INT8_OVER_BFLOAT16 * speedups["bfloat16"]:
         precision = "int8"
     measured = ", ".join(f"{name} {speedups[name]:.2f}x" for name in speedups)
     reason = f"{reasons[precision]}; products measured at {measured} float32's speed here"
@@ -460,8 +459,8 @@ def cpu_copy(beats_model, precision: str = "fast"):
         raise ValueError(f"precision must be 'fast', 'float32', 'bfloat16' or 'int8'; got {precision!r}.")
     if precision == "int8" and not int8_available():
         raise ValueError("precision 'int8' needs fbgemm's dynamic int8 linear, which this torch build or CPU lacks.")
-    # The exact GELU, which oneDNN can apply as fc1 writes its output (fbgemm cannot); with AVX-512 only: where oneDNN
-    # has AVX2 alone its GELU ran slower than ATen's after the product (CPUs capped at AVX2: Zen 4, the exact copy
+    # The exact GELU, which oneDNN can apply as fc1 writes its output (fbgemm cannot): fused only with AVX-512. Where
+    # oneDNN has AVX2 alone its GELU ran slower than ATen's after the product (CPUs capped at AVX2: Zen 4, the exact copy
     # 1.03-1.04x faster unfused, outputs equal; Xeon, 3.4 against 0.56 ms a layer), uncapped it was even (0.98-1.01x).
     fuse_gelu = beats_model.config.activation_fn == "gelu" and precision != "int8" and "avx512f" in cpu_flags()
     fast = copy.deepcopy(beats_model).eval().requires_grad_(False)
