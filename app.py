@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from audio_io import AudioLoadError, load_audio  # noqa: E402
-from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
+from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model, model_reference  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,7 +201,7 @@ def open_library(library_dir: str, model: str | None, sounds: str | None) -> Aud
         library = AudioLibrary.load(library_dir, model)
     elif model:
         loaded, processor = load_model(model)
-        library = AudioLibrary(library_dir, loaded, processor, model, create=True, **BROWSING_LIBRARY)
+        library = AudioLibrary(library_dir, loaded, processor, model_reference(model), create=True, **BROWSING_LIBRARY)
     else:
         raise SystemExit(f"app.py: no library at {library_dir}; give --model (and --sounds) to build one.")
     if sounds:

@@ -114,10 +114,12 @@ def library_features(num_query_tokens: int, embed_dim: int):
 
 def open_dataset(source: str, split: str = "train"):
     """
-    A split of a dataset: a folder `Dataset.save_to_disk` wrote, else anything `load_dataset` reads (a Hub id, a folder
-    of Parquet files such as `audio-qformer export` writes, an audiofolder).
+    A split of a dataset: a folder `Dataset.save_to_disk` wrote; a Parquet file; a folder of audio files (the
+    `audiofolder` layout, split `train` or its subfolder named `split`: an `audio` column of the files' paths, decoded
+    later by `audio_io.load_audio`, so `datasets`' torchcodec decoder is not needed); else anything `load_dataset`
+    reads (a Hub id, a folder of Parquet files such as `audio-qformer export` writes).
     """
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     saved = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes for a Dataset, a DatasetDict
     if os.path.isdir(source) and any(os.path.exists(os.path.join(source, name)) for name in saved):
@@ -125,9 +127,36 @@ def open_dataset(source: str, split: str = "train"):
         if isinstance(dataset, DatasetDict):
             if split not in dataset:
                 raise ValueError(f"{source} has no split {split!r} (--hub_split); its splits are {list(dataset)}.")
-            dataset = dataset[split]
+            return dataset[split]
+        if split != str(dataset.split or "train"):
+            raise ValueError(f"{source} holds one split, {str(dataset.split or 'train')!r}; not {split!r} (--hub_split).")
         return dataset
-    return load_dataset(source, split=split)
+    if os.path.isfile(source) and source.endswith(".parquet"):
+        return load_dataset("parquet", data_files=source, split=split)
+    if os.path.isdir(source) and not any(name.endswith((".parquet", ".arrow")) for _, _, names in os.walk(source)
+                                         for name in names):  # fmt: skip
+        folder = os.path.join(source, split) if os.path.isdir(os.path.join(source, split)) else source
+        paths = audio_files(folder)
+        if paths:  # else e.g. a folder of CSV files: `load_dataset` reads it
+            if folder == source and split != "train":
+                raise ValueError(f"{source} has no subfolder {split!r} (--hub_split): its audio files are the split 'train'.")
+            return Dataset.from_dict({"audio": paths}, split=split)
+    if os.path.exists(source):
+        return load_dataset(source, split=split)
+    if os.path.isabs(source) or source.startswith(".") or source.count("/") > 1 or source.endswith(".parquet"):
+        raise FileNotFoundError(f"{source}: no such file or folder (and not a Hub id, which is NAME or NAMESPACE/NAME).")
+    try:
+        return load_dataset(source, split=split)
+    except (ConnectionError, OSError) as error:  # `datasets`' "couldn't reach" errors, a Hub id not found
+        raise FileNotFoundError(f"{source}: no such folder here, and no Hub dataset by that id could be read ({error})") from error
+
+
+def model_reference(name_or_path: str | None) -> str | None:
+    """
+    How a library records its model: a local folder as its absolute path (the library is then usable from any working
+    directory), a Hub id as it is.
+    """
+    return os.path.abspath(name_or_path) if name_or_path and os.path.isdir(name_or_path) else name_or_path
 
 
 def _check_dataset(dataset, name: str, columns) -> None:
@@ -252,7 +281,10 @@ def _stopping_when_disk_full(directory: str):
 
 @dataclass
 class SearchHit:
-    """One ranked file. `score` orders the list: the cosine, or match logit + cosine for re-ranked hits."""
+    """
+    One ranked file. `score` is the cosine, or for a re-ranked hit match logit + cosine. Re-ranked hits (the first
+    `rerank` of a search) come first, in `score` order; the hits after them follow in cosine order.
+    """
 
     path: str
     score: float
@@ -270,7 +302,8 @@ class AudioLibrary:
         directory (`str`): the library folder (created by `index` when `create=True`).
         model ([`AudioQFormerModel`]) and processor ([`AudioQFormerProcessor`]): the model that embeds; an existing
             library refuses a model with other weights.
-        model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it.
+        model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it: a
+            Hub id, or a folder by a path that holds wherever the library is opened from (`model_reference`).
         keep_tokens (`bool`, defaults to `False`): also store each window's BEATs tokens, for re-ranking without
             decoding audio again. Measured at the report's sizes (`benchmarks/library_storage.py`, Intel Xeon, 2
             cores): tokens take 762 kB per window against 16.5 kB for the embeddings (46 times; 511 MiB per hour of
@@ -317,14 +350,14 @@ class AudioLibrary:
             if hop_seconds <= 0 or hop_seconds > window_seconds:
                 raise ValueError(f"Need 0 < hop_seconds <= window_seconds; got {hop_seconds} and {window_seconds}.")
             os.makedirs(directory, exist_ok=True)
-            self.config = {"format": 1, "model": model_name, "model_identity": identity, "keep_tokens": keep_tokens,
-                           "window_seconds": window_seconds, "hop_seconds": hop_seconds,
+            self.config = {"format": 1, "model": model_name, "model_identity": identity,
+                           "keep_tokens": keep_tokens, "window_seconds": window_seconds, "hop_seconds": hop_seconds,
                            "fast_cpu_encoder": fast_cpu_encoder, "captions": captions, "beats_dtype": beats_dtype}  # fmt: skip
             with _stopping_when_disk_full(directory):
                 _write_json_atomically(config_path, self.config)
         else:
             raise FileNotFoundError(
-                f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
+                f"No audio library at {directory}: build one with `audio-qformer --library {directory} index DIR --model MODEL`."
             )
         # The file list before the stored entries: an `index` run writes it after every entry it names is stored (in
         # shard 0), so while another run is appending, each listed file is found complete here.
@@ -342,12 +375,25 @@ class AudioLibrary:
         config_path = os.path.join(directory, LIBRARY_CONFIG)
         if not os.path.exists(config_path):
             raise FileNotFoundError(
-                f"No audio library at {directory}: build one with `audio-qformer index DIR --model MODEL --library {directory}`."
+                f"No audio library at {directory}: build one with `audio-qformer --library {directory} index DIR --model MODEL`."
             )
         with open(config_path) as handle:
             name = model_name_or_path or json.load(handle)["model"]
-        model, processor = load_model(name, device)
+        try:
+            model, processor = load_model(name, device)
+        except (OSError, ValueError) as error:  # a folder moved (not a valid Hub id either), or no network
+            raise ValueError(f"The library {directory}'s model {name} cannot be loaded here ({error}); give the model "
+                             "with --model (a saved model folder or Hub id).") from error  # fmt: skip
         return cls(directory, model, processor, name)
+
+    def record_model(self, name_or_path: str) -> None:
+        """
+        Record where the library's model is found from now on (`load` opens it with that), e.g. after its folder moved:
+        this library's model must have been loaded from there. A local folder is recorded by its absolute path.
+        """
+        self.config["model"] = model_reference(name_or_path)
+        with _stopping_when_disk_full(self.directory):
+            _write_json_atomically(os.path.join(self.directory, LIBRARY_CONFIG), self.config)
 
     @classmethod
     def from_dataset(cls, dataset, directory: str, model_name_or_path: str | None = None, device="cpu",
@@ -357,7 +403,8 @@ class AudioLibrary:
         `audio-qformer export` wrote, its Parquet files' folder, a Hub dataset id) as the library folder `directory`,
         without embedding anything: its windows are stored as they are. The model is the dataset's `model` (or the one
         given) and must have the dataset's `model_identity`. An existing library at `directory` must have the same
-        model and windows; files it already holds are kept.
+        model and windows: the dataset's files it does not list are added, and the files it lists keep their own
+        entries (a file changed since the export keeps its new embeddings).
         """
         name = dataset if isinstance(dataset, str) else (dataset.info.dataset_name or "the dataset")
         if isinstance(dataset, str):
@@ -382,7 +429,8 @@ class AudioLibrary:
         captions = "caption" in dataset.column_names and any(c is not None for c in dataset.unique("caption"))
         encoder = {setting: _only_value(dataset, setting, name) for setting in ("beats_dtype", "fast_cpu_encoder")
                    if setting in dataset.column_names}  # fmt: skip
-        library = cls(directory, model, processor, model_name, create=True, keep_tokens=False, captions=captions,
+        library = cls(directory, model, processor, model_reference(model_name), create=True, keep_tokens=False,
+                      captions=captions,
                       **windows, **encoder)  # fmt: skip
         if any(library.config[setting] != value for setting, value in windows.items()):
             raise ValueError(f"{directory} cuts files into other windows than {name} ({windows}): open it in a new folder.")
@@ -397,8 +445,10 @@ class AudioLibrary:
                         library.embeddings.append(batch)
                         batch = []
                 library.embeddings.append(batch)
-                for folder, group in _folders_of(list(paths)).items():  # files the library already lists stay
-                    library.files.setdefault(folder, {}).update({path: paths[path] for path in group})
+                for folder, group in _folders_of(list(paths)).items():  # files the library already lists keep theirs
+                    listed = library.files.setdefault(folder, {})
+                    for path in group:
+                        listed.setdefault(path, paths[path])
                 _write_json_atomically(os.path.join(directory, LIBRARY_FILES), library.files)
         finally:
             lock.close()
@@ -745,6 +795,11 @@ class AudioLibrary:
 
     def _find_live_windows(self):
         keys = self.live_keys()
+        if not keys and len(self.embeddings) and not self.files:  # stored by a first run that has not ended
+            raise ValueError(
+                f"The library {self.directory} lists no files yet: an index run is storing its first files (they are "
+                "listed when it ends), or one was stopped (run `audio-qformer index` again: what it stored is kept)."
+            )
         if not keys:
             raise ValueError(f"The library {self.directory} holds no files yet: run `audio-qformer index DIR` first.")
         rows, owners = [], []
@@ -904,6 +959,8 @@ class AudioLibrary:
     @torch.no_grad()
     def similar(self, path: str, k: int = 10) -> list[SearchHit]:
         """The `k` files that sound most like `path` (best pair of query tokens over all windows), itself excluded."""
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder: `similar` takes one audio file.")
         waveform = load_audio(path, sampling_rate=self.sampling_rate)
         embeds, _ = self.embed_waveforms(self.windows(waveform)[1])
         query = embeds.reshape(1, -1, embeds.shape[-1])  # every query token of every window
@@ -911,4 +968,4 @@ class AudioLibrary:
 
 
 __all__ = ["AudioLibrary", "LibraryBusyError", "LibraryDiskFullError", "SearchHit", "balanced_shares",
-           "library_features", "load_model", "open_dataset"]
+           "library_features", "load_model", "model_reference", "open_dataset"]

@@ -2,7 +2,7 @@
 """The `audio-qformer` command: index a folder of sounds into a library (`audio_library.AudioLibrary`), then search it.
 
     audio-qformer --library LIB index DIR --model MODEL [--fast_cpu]   # resumable; later runs embed new files only
-    accelerate launch [--multi_gpu] --num_processes N -m audio_search --library LIB index DIR --model MODEL
+    accelerate launch --multi_gpu --num_processes N -m audio_search --library LIB index DIR --model MODEL  # CPU too
     audio-qformer --library LIB search "a dog barks" [-k 10] [--rerank 16] [--json]
     audio-qformer --library LIB similar FILE [-k 10] [--json]
     audio-qformer --library LIB index --hub_dataset ID_OR_FOLDER [--hub_split train] [--hub_audio_column audio] --model M
@@ -27,7 +27,7 @@ import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
 from audio_library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
-                           open_dataset)  # fmt: skip
+                           model_reference, open_dataset)  # fmt: skip
 
 
 # A process of an index launch that has embedded its share waits at a barrier for the others, which can take hours
@@ -57,8 +57,23 @@ def _print_hits(query: str, hits: list[SearchHit], as_json: bool):
 
 
 def _device(name: str) -> str:
-    """`--device` outside a launch: `auto` is CUDA when present, else the CPU."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    """`--device` outside a launch: `auto` is CUDA when present, else the CPU; a device this machine lacks is refused."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device ({error})") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use cpu or auto.")
+    return name
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {number}")
+    return number
 
 
 def _caption(args, parser) -> int:
@@ -123,14 +138,17 @@ def main(argv=None):
     index.add_argument("--hub_audio_column", "--audio_column", dest="hub_audio_column", default="audio",
                        help="Audio column of --hub_dataset (an Audio column or file paths; default: audio).")
     index.add_argument("--model", help="Saved model folder or Hub id (required for a new library).")
-    index.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
+    index.add_argument("--batch_size", type=_positive, default=8, help="Windows per forward pass (default: 8).")
     index.add_argument("--keep_tokens", action="store_true",
                        help="New library: also store each window's BEATs tokens (46x the embeddings' disk), so that "
                             "--rerank needs no decoding and no BEATs (1.15 s instead of 5.0 s per query at the report's "
                             "size on a 2-core CPU).")
     index.add_argument("--no_tokens", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12-01
-    index.add_argument("--window_seconds", type=float, default=WINDOW_SECONDS)
-    index.add_argument("--hop_seconds", type=float, default=HOP_SECONDS)
+    index.add_argument("--window_seconds", type=float,
+                       help=f"New library: seconds of audio per embedded window (default: {WINDOW_SECONDS}, BEATs' 512 "
+                            "fbank frames' worth); longer files are cut into windows.")  # fmt: skip
+    index.add_argument("--hop_seconds", type=float,
+                       help=f"New library: seconds between the starts of a file's windows (default: {HOP_SECONDS}).")
     index.add_argument("--fast_cpu", action="store_true",
                        help="New library: embed with BEATs' fast CPU copy (~exact): bfloat16 or int8 products, "
                             "whichever this CPU runs faster (bfloat16 needs bfloat16 units, int8 AVX2); the exact path "
@@ -160,11 +178,14 @@ def main(argv=None):
     search.add_argument("text", nargs="+", help="One or more queries.")
     similar = commands.add_parser("similar", help="Rank the library's files by similarity to an audio file.")
     similar.add_argument("file", metavar="FILE")
+    for sub in (search, similar, export):
+        sub.add_argument("--model", help="Where the library's model is, if not where the library recorded it.")
     for sub in (search, similar):
-        sub.add_argument("-k", type=int, default=10, help="How many files to list.")
+        sub.add_argument("-k", type=_positive, default=10, help="How many files to list.")
         sub.add_argument("--json", action="store_true", help="One JSON object per query instead of a table.")
     search.add_argument("--rerank", type=int, nargs="?", const=-1, default=0, metavar="K",
-                        help="Re-rank the top K with the matching head (a bare --rerank: the model's rerank_top_k, 16).")
+                        help="Re-rank the top K with the matching head (a bare --rerank: the model's rerank_top_k, "
+                             "16); they come first, by score, and the hits after them in cosine order.")
     search.add_argument("--approximate", action="store_true", help="Search with the vector index (large libraries).")
     caption = commands.add_parser("caption", help="Caption audio files with the model (no library needed).")
     caption.add_argument("files", nargs="+", metavar="FILE_OR_DIR")
@@ -174,8 +195,10 @@ def main(argv=None):
     caption.add_argument("--submission_csv", metavar="PATH",
                          help="Also write the DCASE audio captioning submission: file_name,caption_predicted.")
     args = parser.parse_args(argv)
-    if args.command == "index" and (args.directory is None) == (args.hub_dataset is None):
-        parser.error("index needs a folder DIR or --hub_dataset, not both")
+    if args.command == "index" and args.directory is None and args.hub_dataset is None:
+        parser.error("index needs a folder DIR or --hub_dataset")
+    if args.command == "index" and args.directory is not None and args.hub_dataset is not None:
+        parser.error("index takes a folder DIR or --hub_dataset, not both")
 
     try:
         if args.command == "index":
@@ -185,7 +208,7 @@ def main(argv=None):
             # Without CUDA, processes that `accelerate launch --multi_gpu` started talk over gloo (cpu=True), as in train.py.
             state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
                                  timeout=INDEX_BARRIER_TIMEOUT)  # fmt: skip
-            device = state.device if args.device == "auto" else args.device
+            device = state.device if args.device == "auto" else _device(args.device)
             if torch.device(device).type == "cpu" and not args.release_memory:
                 from beats_cpu import keep_freed_memory
 
@@ -193,9 +216,14 @@ def main(argv=None):
             config_path = os.path.join(args.library, LIBRARY_CONFIG)
             if args.fast_cpu and args.beats_dtype == "bfloat16":
                 parser.error("give --fast_cpu or --beats_dtype bfloat16, not both")
-            if (args.fast_cpu or args.captions or args.beats_dtype or args.keep_tokens) and os.path.exists(config_path):
+            if os.path.exists(config_path):
                 with open(config_path) as handle:
                     existing = json.load(handle)
+                for setting in ("window_seconds", "hop_seconds"):
+                    value = getattr(args, setting)
+                    if value is not None and value != existing[setting]:
+                        parser.error(f"{args.library} cuts files with {setting} {existing[setting]}; --{setting} "
+                                     "applies to new libraries")  # fmt: skip
                 if args.fast_cpu and not existing.get("fast_cpu_encoder"):
                     parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
                 if args.beats_dtype and args.beats_dtype != existing.get("beats_dtype", "float32"):
@@ -209,16 +237,23 @@ def main(argv=None):
                                  "(index into a new --library)")  # fmt: skip
             if not args.model and not os.path.exists(config_path):
                 parser.error("a new library needs --model (a saved model folder or Hub id)")
+            if args.directory is not None and not os.path.isdir(args.directory):
+                raise NotADirectoryError(f"{os.path.abspath(args.directory)}: not a folder")
+            # Before a new library is made: a source that cannot be read leaves no library behind.
+            source = args.directory or open_dataset(args.hub_dataset, args.hub_split)
             with state.main_process_first():  # the main process creates a new library; the others then open it
                 if os.path.exists(config_path):
                     library = AudioLibrary.load(args.library, args.model, device)
+                    if args.model and model_reference(args.model) != library.config["model"] and state.is_main_process:
+                        library.record_model(args.model)  # its weights, found here now (e.g. a moved folder)
                 else:
                     model, processor = load_model(args.model, device)
-                    library = AudioLibrary(args.library, model, processor, args.model, create=True,
-                                           keep_tokens=args.keep_tokens, window_seconds=args.window_seconds,
-                                           hop_seconds=args.hop_seconds, fast_cpu_encoder=args.fast_cpu,
-                                           captions=args.captions, beats_dtype=args.beats_dtype or "float32")  # fmt: skip
-            source = args.directory or open_dataset(args.hub_dataset, args.hub_split)
+                    library = AudioLibrary(args.library, model, processor, model_reference(args.model), create=True,
+                                           keep_tokens=args.keep_tokens, fast_cpu_encoder=args.fast_cpu,
+                                           window_seconds=WINDOW_SECONDS if args.window_seconds is None else args.window_seconds,
+                                           hop_seconds=HOP_SECONDS if args.hop_seconds is None else args.hop_seconds,
+                                           captions=args.captions,
+                                           beats_dtype=args.beats_dtype or "float32")  # fmt: skip
             report = library.index(source, args.batch_size, show_progress=state.is_main_process, state=state,
                                    audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip
             who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
@@ -229,9 +264,13 @@ def main(argv=None):
                              f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable\n")
             sys.stdout.flush()
             for failure in report["failed"]:
-                print(f"  skipped {failure['audio']}: {failure['reason']}")
+                reason = failure["reason"].removeprefix(f"{failure['audio']}: ")  # most reasons start with the path
+                print(f"  skipped {failure['audio']}: {reason}")
             if args.vector_index and state.is_main_process:
-                print(f"Vector index: {len(library.vector_index(build=True))} windows")
+                stored = len(library.vector_index(build=True))
+                live = sum(file["windows"] for file in library.stored_files())
+                stale = f" ({stored - live} more of files changed or gone: search skips them)" if stored > live else ""
+                print(f"Vector index: {live} windows{stale}")
         elif args.command == "caption":
             return _caption(args, parser)
         elif args.command == "import":
@@ -242,7 +281,9 @@ def main(argv=None):
         elif args.command == "export":
             import tempfile
 
-            library = AudioLibrary.load(args.library, device="cpu")
+            library = AudioLibrary.load(args.library, args.model, device="cpu")
+            if not library.live_keys():  # before OUT_DIR is made
+                raise ValueError(f"The library {args.library} holds no files yet: nothing to export.")
             os.makedirs(args.output_dir, exist_ok=True)
             # The Hub's layout for a split "train": `load_dataset(OUT_DIR)` and the dataset viewer find it.
             path = os.path.join(args.output_dir, "data", "train-00000-of-00001.parquet")
@@ -256,7 +297,7 @@ def main(argv=None):
                     print(f"Pushed to https://huggingface.co/datasets/{args.push_to_hub}")
         else:
             device = _device(args.device)
-            library = AudioLibrary.load(args.library, device=device)
+            library = AudioLibrary.load(args.library, args.model, device=device)
             if args.command == "search":
                 rerank = library.model.config.rerank_top_k if args.rerank == -1 else args.rerank
                 found = library.search(args.text, args.k, rerank, approximate=args.approximate)
