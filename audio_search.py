@@ -101,7 +101,10 @@ def _caption(args, parser) -> int:
     if not paths:
         raise ValueError(f"No audio files in {', '.join(args.files)}.")
     device = _device(args.device)
-    model, processor = load_model(name, device)
+    try:
+        model, processor = load_model(name, device)
+    except (OSError, ValueError) as error:  # e.g. the library's model folder moved
+        raise ValueError(f"The model {name} cannot be loaded here ({error}); give it with --model.") from error
     results = caption_files(model, processor, paths, args.batch_size, show_progress=not args.json)
     for result in results:
         if args.json:

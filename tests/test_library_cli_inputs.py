@@ -95,6 +95,7 @@ def test_settings_devices_and_counts_are_checked(saved_model, sounds, tmp_path, 
         (["index", str(sounds), "--hop_seconds", "1"], "cuts files with hop_seconds 5.12; --hop_seconds applies"),
         (["similar", str(sounds)], "is a folder: `similar` takes one audio file"),
         (["--device", "gpu", "search", "x"], "--device gpu: not a device"),
+        (["caption", str(sounds), "--model", str(tmp_path / "gone")], f"The model {tmp_path / 'gone'} cannot be loaded"),
     ]
     if not torch.cuda.is_available():
         checks.append((["--device", "cuda", "search", "x"], "--device cuda: no CUDA device here"))
