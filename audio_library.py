@@ -132,7 +132,7 @@ def open_dataset(source: str, split: str = "train"):
             raise ValueError(f"{source} holds one split, {str(dataset.split or 'train')!r}; not {split!r} (--hub_split).")
         return dataset
     if os.path.isfile(source) and source.endswith(".parquet"):
-        return load_dataset("parquet", data_files=source, split=split)
+        return _loaded(source, split, "parquet", data_files=source)
     if os.path.isdir(source) and not any(name.endswith((".parquet", ".arrow")) for _, _, names in os.walk(source)
                                          for name in names):  # fmt: skip
         folder = os.path.join(source, split) if os.path.isdir(os.path.join(source, split)) else source
@@ -142,13 +142,32 @@ def open_dataset(source: str, split: str = "train"):
                 raise ValueError(f"{source} has no subfolder {split!r} (--hub_split): its audio files are the split 'train'.")
             return Dataset.from_dict({"audio": paths}, split=split)
     if os.path.exists(source):
-        return load_dataset(source, split=split)
+        return _loaded(source, split, source)
     if os.path.isabs(source) or source.startswith(".") or source.count("/") > 1 or source.endswith(".parquet"):
         raise FileNotFoundError(f"{source}: no such file or folder (and not a Hub id, which is NAME or NAMESPACE/NAME).")
     try:
         return load_dataset(source, split=split)
     except (ConnectionError, OSError) as error:  # `datasets`' "couldn't reach" errors, a Hub id not found
         raise FileNotFoundError(f"{source}: no such folder here, and no Hub dataset by that id could be read ({error})") from error
+
+
+def _loaded(source: str, split: str, *args, **kwargs):
+    """`load_dataset(*args, split=split, **kwargs)` of a local `source`, an empty one refused in this module's words."""
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+
+    files = [source] if os.path.isfile(source) else [os.path.join(folder, name) for folder, _, names in os.walk(source)
+                                                     for name in names]  # fmt: skip
+    files = [path for path in files if path.endswith(".parquet")]
+    # `datasets` fails on Parquet files without rows in several ways ("corresponds to no data", a generation error).
+    empty = bool(files) and all(pq.ParquetFile(path).metadata.num_rows == 0 for path in files)
+    try:
+        if not empty:
+            return load_dataset(*args, split=split, **kwargs)
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):
+            raise
+    raise ValueError(f"{source} has no rows (split {split!r}).")
 
 
 def model_reference(name_or_path: str | None) -> str | None:

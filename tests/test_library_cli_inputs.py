@@ -84,6 +84,14 @@ def test_index_from_an_audiofolder_and_missing_sources(saved_model, sounds, tmp_
     assert main(["--library", str(tmp_path / "plain"), "export", str(tmp_path / "out")]) == 0
     parquet = tmp_path / "out" / "data" / "train-00000-of-00001.parquet"
     assert len(open_dataset(str(parquet))) == 6
+    import pyarrow.parquet as pq  # an export with no rows: refused in words, no library made
+
+    os.makedirs(tmp_path / "empty-export" / "data")
+    pq.write_table(pq.read_table(parquet).slice(0, 0), tmp_path / "empty-export" / "data" / parquet.name)
+    capsys.readouterr()
+    assert main(["--library", str(tmp_path / "imported"), "import", str(tmp_path / "empty-export")]) == 2
+    assert "empty-export has no rows (split 'train')" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "imported")
 
 
 def test_settings_devices_and_counts_are_checked(saved_model, sounds, tmp_path, capsys):  # noqa: F811
