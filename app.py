@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from audio_io import AudioLoadError, load_audio  # noqa: E402
-from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model, model_reference  # noqa: E402
+from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -198,10 +198,13 @@ def library_roots(library: AudioLibrary) -> list[str]:
 def open_library(library_dir: str, model: str | None, sounds: str | None) -> AudioLibrary:
     """The library, created with `model` if new, after embedding what `sounds` holds that it does not."""
     if os.path.exists(os.path.join(library_dir, "library.json")):
-        library = AudioLibrary.load(library_dir, model)
+        try:
+            library = AudioLibrary.load(library_dir, model)
+        except ValueError as error:  # its model cannot be loaded here, or is not the library's
+            raise SystemExit(f"app.py: {error}") from error
     elif model:
         loaded, processor = load_model(model)
-        library = AudioLibrary(library_dir, loaded, processor, model_reference(model), create=True, **BROWSING_LIBRARY)
+        library = AudioLibrary(library_dir, loaded, processor, model, create=True, **BROWSING_LIBRARY)
     else:
         raise SystemExit(f"app.py: no library at {library_dir}; give --model (and --sounds) to build one.")
     if sounds:

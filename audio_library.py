@@ -322,7 +322,7 @@ class AudioLibrary:
         model ([`AudioQFormerModel`]) and processor ([`AudioQFormerProcessor`]): the model that embeds; an existing
             library refuses a model with other weights.
         model_name (`str`, *optional*): where the model comes from, recorded so that `AudioLibrary.load` finds it: a
-            Hub id, or a folder by a path that holds wherever the library is opened from (`model_reference`).
+            Hub id, or a folder (recorded by its absolute path, `model_reference`: the library opens from anywhere).
         keep_tokens (`bool`, defaults to `False`): also store each window's BEATs tokens, for re-ranking without
             decoding audio again. Measured at the report's sizes (`benchmarks/library_storage.py`, Intel Xeon, 2
             cores): tokens take 762 kB per window against 16.5 kB for the embeddings (46 times; 511 MiB per hour of
@@ -369,7 +369,7 @@ class AudioLibrary:
             if hop_seconds <= 0 or hop_seconds > window_seconds:
                 raise ValueError(f"Need 0 < hop_seconds <= window_seconds; got {hop_seconds} and {window_seconds}.")
             os.makedirs(directory, exist_ok=True)
-            self.config = {"format": 1, "model": model_name, "model_identity": identity,
+            self.config = {"format": 1, "model": model_reference(model_name), "model_identity": identity,
                            "keep_tokens": keep_tokens, "window_seconds": window_seconds, "hop_seconds": hop_seconds,
                            "fast_cpu_encoder": fast_cpu_encoder, "captions": captions, "beats_dtype": beats_dtype}  # fmt: skip
             with _stopping_when_disk_full(directory):
@@ -448,8 +448,7 @@ class AudioLibrary:
         captions = "caption" in dataset.column_names and any(c is not None for c in dataset.unique("caption"))
         encoder = {setting: _only_value(dataset, setting, name) for setting in ("beats_dtype", "fast_cpu_encoder")
                    if setting in dataset.column_names}  # fmt: skip
-        library = cls(directory, model, processor, model_reference(model_name), create=True, keep_tokens=False,
-                      captions=captions,
+        library = cls(directory, model, processor, model_name, create=True, keep_tokens=False, captions=captions,
                       **windows, **encoder)  # fmt: skip
         if any(library.config[setting] != value for setting, value in windows.items()):
             raise ValueError(f"{directory} cuts files into other windows than {name} ({windows}): open it in a new folder.")

@@ -251,7 +251,7 @@ def main(argv=None):
                         library.record_model(args.model)  # its weights, found here now (e.g. a moved folder)
                 else:
                     model, processor = load_model(args.model, device)
-                    library = AudioLibrary(args.library, model, processor, model_reference(args.model), create=True,
+                    library = AudioLibrary(args.library, model, processor, args.model, create=True,
                                            keep_tokens=args.keep_tokens, fast_cpu_encoder=args.fast_cpu,
                                            window_seconds=WINDOW_SECONDS if args.window_seconds is None else args.window_seconds,
                                            hop_seconds=HOP_SECONDS if args.hop_seconds is None else args.hop_seconds,
@@ -279,8 +279,9 @@ def main(argv=None):
         elif args.command == "import":
             device = _device(args.device)
             library = AudioLibrary.from_dataset(args.dataset, args.library, args.model, device, args.hub_split)
-            print(f"{args.library}: {len(library.live_keys())} files, {library.embeddings.shard_array(0).shape[0]} "
-                  f"windows from {args.dataset}; nothing embedded")  # fmt: skip
+            files = library.stored_files()
+            print(f"{args.library}: {len(files)} files, {sum(f['windows'] for f in files)} windows with {args.dataset}; "
+                  "nothing embedded")  # fmt: skip
         elif args.command == "export":
             import tempfile
 

@@ -33,7 +33,8 @@ def test_a_library_finds_its_model_from_any_folder_and_after_a_move(saved_model,
     shutil.copytree(saved_model, tmp_path / "model")
     monkeypatch.chdir(tmp_path)
     assert main(["--library", "lib", "index", str(sounds), "--model", "model"]) == 0  # a relative folder ...
-    assert recorded_model("lib") == str(tmp_path / "model")  # ... recorded by its absolute path
+    assert recorded_model("lib") == str(tmp_path / "model")  # ... recorded by its absolute path, as from Python
+    assert AudioLibrary("pylib", *load_model("model"), "model", create=True).config["model"] == str(tmp_path / "model")
     capsys.readouterr()
     os.makedirs("elsewhere")
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -45,6 +46,10 @@ def test_a_library_finds_its_model_from_any_folder_and_after_a_move(saved_model,
     assert main(["--library", "../lib", "search", "a rising chirp"]) == 2
     error = capsys.readouterr().err
     assert f"The library ../lib's model {tmp_path / 'model'} cannot be loaded here" in error and "--model" in error
+    import app
+
+    with pytest.raises(SystemExit, match=r"app.py: The library ../lib's model .* cannot be loaded here"):
+        app.open_library("../lib", None, None)
     assert main(["--library", "../lib", "search", "a rising chirp", "-k", "2", "--json", "--model", "../moved"]) == 0
     assert json.loads(capsys.readouterr().out)["results"] == found
     assert recorded_model("../lib") == str(tmp_path / "model")  # searching records nothing ...
@@ -142,6 +147,7 @@ def test_import_keeps_the_entries_a_library_has(saved_model, sounds, tmp_path, c
     before = {f["path"]: f for f in library.stored_files()}
     changed = next(key for key in library.live_keys() if library.path_of(key) == str(folder / "a.wav"))
     assert main(["--library", lib, "import", str(tmp_path / "old")]) == 0
+    assert "6 files, 6 windows with" in capsys.readouterr().out  # the library's files now, not every stored window
     library = AudioLibrary.load(lib)
     assert {f["path"]: f for f in library.stored_files()} == before
     assert changed in library.live_keys()  # the new embeddings, not the export's stale ones
