@@ -159,15 +159,16 @@ def _loaded(source: str, split: str, *args, **kwargs):
     files = [source] if os.path.isfile(source) else [os.path.join(folder, name) for folder, _, names in os.walk(source)
                                                      for name in names]  # fmt: skip
     files = [path for path in files if path.endswith(".parquet")]
+    empty = f"{source} has no rows (split {split!r})."
     # `datasets` fails on Parquet files without rows in several ways ("corresponds to no data", a generation error).
-    empty = bool(files) and all(pq.ParquetFile(path).metadata.num_rows == 0 for path in files)
+    if files and all(pq.ParquetFile(path).metadata.num_rows == 0 for path in files):
+        raise ValueError(empty)
     try:
-        if not empty:
-            return load_dataset(*args, split=split, **kwargs)
+        return load_dataset(*args, split=split, **kwargs)
     except ValueError as error:
-        if "corresponds to no data" not in str(error):
-            raise
-    raise ValueError(f"{source} has no rows (split {split!r}).")
+        if "corresponds to no data" in str(error):  # e.g. a split whose files are empty beside others that are not
+            raise ValueError(empty) from error
+        raise
 
 
 def model_reference(name_or_path: str | None) -> str | None:

@@ -251,12 +251,12 @@ def main(argv=None):
                         library.record_model(args.model)  # its weights, found here now (e.g. a moved folder)
                 else:
                     model, processor = load_model(args.model, device)
+                    windows = {name: getattr(args, name) for name in ("window_seconds", "hop_seconds")
+                               if getattr(args, name) is not None}  # else the library's defaults  # fmt: skip
                     library = AudioLibrary(args.library, model, processor, args.model, create=True,
                                            keep_tokens=args.keep_tokens, fast_cpu_encoder=args.fast_cpu,
-                                           window_seconds=WINDOW_SECONDS if args.window_seconds is None else args.window_seconds,
-                                           hop_seconds=HOP_SECONDS if args.hop_seconds is None else args.hop_seconds,
-                                           captions=args.captions,
-                                           beats_dtype=args.beats_dtype or "float32")  # fmt: skip
+                                           captions=args.captions, beats_dtype=args.beats_dtype or "float32",
+                                           **windows)  # fmt: skip
             report = library.index(source, args.batch_size, show_progress=state.is_main_process, state=state,
                                    audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip
             who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
