@@ -131,18 +131,21 @@ def open_dataset(source: str, split: str = "train"):
         if split != str(dataset.split or "train"):
             raise ValueError(f"{source} holds one split, {str(dataset.split or 'train')!r}; not {split!r} (--hub_split).")
         return dataset
+    local = os.path.exists(source)
+    files = ([source] if os.path.isfile(source) else [os.path.join(folder, name) for folder, _, names in os.walk(source)
+                                                      for name in names]) if local else []  # fmt: skip
+    parquet = [path for path in files if path.endswith(".parquet")]
     if os.path.isfile(source) and source.endswith(".parquet"):
-        return _loaded(source, split, "parquet", data_files=source)
-    if os.path.isdir(source) and not any(name.endswith((".parquet", ".arrow")) for _, _, names in os.walk(source)
-                                         for name in names):  # fmt: skip
+        return _loaded(source, split, parquet, "parquet", data_files=source)
+    if os.path.isdir(source) and not any(path.endswith((".parquet", ".arrow")) for path in files):
         folder = os.path.join(source, split) if os.path.isdir(os.path.join(source, split)) else source
         paths = audio_files(folder)
         if paths:  # else e.g. a folder of CSV files: `load_dataset` reads it
             if folder == source and split != "train":
                 raise ValueError(f"{source} has no subfolder {split!r} (--hub_split): its audio files are the split 'train'.")
             return Dataset.from_dict({"audio": paths}, split=split)
-    if os.path.exists(source):
-        return _loaded(source, split, source)
+    if local:
+        return _loaded(source, split, parquet, source)
     if os.path.isabs(source) or source.startswith(".") or source.count("/") > 1 or source.endswith(".parquet"):
         raise FileNotFoundError(f"{source}: no such file or folder (and not a Hub id, which is NAME or NAMESPACE/NAME).")
     try:
@@ -151,17 +154,17 @@ def open_dataset(source: str, split: str = "train"):
         raise FileNotFoundError(f"{source}: no such folder here, and no Hub dataset by that id could be read ({error})") from error
 
 
-def _loaded(source: str, split: str, *args, **kwargs):
-    """`load_dataset(*args, split=split, **kwargs)` of a local `source`, an empty one refused in this module's words."""
+def _loaded(source: str, split: str, parquet_files: list[str], *args, **kwargs):
+    """
+    `load_dataset(*args, split=split, **kwargs)` of a local `source` (whose Parquet files are `parquet_files`), an
+    empty one refused in this module's words.
+    """
     import pyarrow.parquet as pq
     from datasets import load_dataset
 
-    files = [source] if os.path.isfile(source) else [os.path.join(folder, name) for folder, _, names in os.walk(source)
-                                                     for name in names]  # fmt: skip
-    files = [path for path in files if path.endswith(".parquet")]
     empty = f"{source} has no rows (split {split!r})."
     # `datasets` fails on Parquet files without rows in several ways ("corresponds to no data", a generation error).
-    if files and all(pq.ParquetFile(path).metadata.num_rows == 0 for path in files):
+    if parquet_files and all(pq.ParquetFile(path).metadata.num_rows == 0 for path in parquet_files):
         raise ValueError(empty)
     try:
         return load_dataset(*args, split=split, **kwargs)

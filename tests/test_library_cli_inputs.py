@@ -116,9 +116,7 @@ def test_settings_devices_and_counts_are_checked(saved_model, sounds, tmp_path, 
                (["index"], "index needs a folder DIR or --hub_dataset"),
                (["index", str(sounds), "--hub_dataset", "x"], "not both")]  # fmt: skip
     for command, message in checks:
-        argv = ["--library", lib, *command] if command[0] != "--device" else [command[0], command[1], "--library", lib,
-                                                                              *command[2:]]  # fmt: skip
-        assert exit_status(argv) == 2, command
+        assert exit_status(["--library", lib, *command]) == 2, command
         assert message in capsys.readouterr().err, command
     # An empty library exports nothing and leaves no folder.
     os.makedirs(tmp_path / "empty")
