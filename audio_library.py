@@ -335,9 +335,9 @@ class AudioLibrary:
             asked for (the app asks: its re-rank switch is interactive).
         fast_cpu_encoder (`bool`, defaults to `False`): on the CPU, embed audio with BEATs' fast copy
             (`beats_cpu.cpu_copy(..., "fast")`): bfloat16 on a CPU with bfloat16 units (1.8-3x the exact encoder's
-            speed), int8 projections on other CPUs with AVX2 and where they measure faster than bfloat16 (1.44-2.2x),
-            each kept only where its products measured faster than float32's on this CPU, else the exact path with a
-            warning; embeddings within a cosine of
+            speed), int8 projections on other CPUs with AVX2 and where they measure faster than bfloat16 (1.44-2.2x
+            on an AMD Zen 4, capped at AVX2 or not), each kept only where its products measured faster than float32's
+            on this CPU, else the exact path with a warning; embeddings within a cosine of
             0.99999 of the exact ones. A property of the library, recorded when it is created, so that all its clips
             are embedded with the same kind of copy; an existing library keeps its own setting (which precision
             "fast" takes depends on the CPU that embeds). Otherwise the CPU runs BEATs' exact float32 copy
