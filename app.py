@@ -4,6 +4,7 @@ The sound-search app: a Gradio Blocks interface over a sound library (`audio_lib
 the model's Hugging Face Space.
 
     python app.py --model DIR_OR_HUB_ID --library LIBRARY_DIR [--sounds DIR] [--port 7860] [--host 127.0.0.1]
+                  [--max_upload_mb 200]
 
 Tabs: Search (a text → the best files, each with a player, its score, where its best window starts and its caption when
 the library stores captions), Similar (an uploaded or recorded clip → files that sound like it), Describe (a clip → the
@@ -12,19 +13,35 @@ Library (what is indexed, and the files that could not be read). The named API e
 `/describe` and `/classify` serve `gradio_client`. Offline-safe: no analytics, no share link, no server-side rendering; gradio 6.17 and
 newer bundle their fonts.
 
+What the server hands out: the library's indexed audio files (`LibraryAudio`: each checked to be listed, inside its
+indexed folder, and the file that was embedded) and the clips uploaded to it; nothing else on the disk. It has no
+sign-in: the README's "Serving the app and the endpoint to others" says what it exposes and how to add one.
+
 Run with no arguments (as a Space runs it), `app_defaults.json` beside this file names the model and the library folder
 (`hub_pages.py space` writes it). Sounds under the library's `sounds/` folder that are not embedded yet are embedded
 before the app serves (a progress bar in the log); stored ones never again.
 """
 
 import argparse
+import atexit
+import html
 import json
+import mimetypes
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict
+from urllib.parse import quote
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
+# Gradio serves its upload folder to anyone who names a file in it; one of this app's own, not the machine's shared
+# /tmp/gradio, holds this app's uploads only. Removed when the process ends.
+if not os.environ.get("GRADIO_TEMP_DIR"):
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="audio-qformer-app-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
 
+import fastapi  # noqa: E402
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -35,9 +52,15 @@ from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 APP_DEFAULTS = "app_defaults.json"
-MAX_CLIP_SECONDS = 600  # an uploaded clip to compare or classify
-SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below -80 dBFS has nothing to compare
+# What one request may ask for. The endpoint handler (`handler.py`) has the same clip limit.
+MAX_CLIP_SECONDS = 600  # an uploaded clip to compare, describe or classify
+MAX_UPLOAD_MB = 200  # an upload's size (`--max_upload_mb`): 10 minutes of 48 kHz stereo 24-bit WAV take 173 MB
+MAX_QUERY_CHARACTERS = 1000  # a query or the label list; the model reads at most its `eval_max_text_length` tokens
+MAX_LABELS = 100
 MAX_RESULTS = 50
+SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below -80 dBFS has nothing to compare
+# The route of the library's audio files: `/library-audio/<file key>/<file name>` (see `LibraryAudio`).
+AUDIO_ROUTE = "library-audio"
 # transformers' zero-shot audio classification pipeline's template, as the endpoint handler uses it.
 HYPOTHESIS_TEMPLATE = "This is a sound of {}."
 
@@ -45,19 +68,21 @@ HYPOTHESIS_TEMPLATE = "This is a sound of {}."
 class SoundSearchApp:
     """The app's work, apart from its layout: each method is one API endpoint and returns plain JSON values."""
 
-    def __init__(self, library: AudioLibrary):
-        self.library = library
+    def __init__(self, library: AudioLibrary, max_upload_mb: int = MAX_UPLOAD_MB):
+        self.library, self.max_upload_mb = library, max_upload_mb
+        self.audio = LibraryAudio(library)
 
     def search(self, query: str, k: int = 10, rerank: bool = False) -> list[dict]:
         if not query or not query.strip():
             raise gr.Error("Type what you want to hear, e.g. 'a dog barks while cars pass by'.")
+        _check_length(query, "The query")
         depth = self.library.model.config.rerank_top_k if rerank else 0
         hits = self.library.search([query.strip()], k=self._k(k), rerank=depth)[0]
-        return [_as_json(hit) for hit in hits]
+        return [self._as_json(hit) for hit in hits]
 
     def similar(self, audio_path: str | None, k: int = 10) -> list[dict]:
         self._clip(audio_path)
-        return [_as_json(hit) for hit in self.library.similar(audio_path, k=self._k(k))]
+        return [self._as_json(hit) for hit in self.library.similar(audio_path, k=self._k(k))]
 
     def describe(self, audio_path: str | None) -> list[dict]:
         """The model's caption of a clip: `[{"start_seconds", "caption"}]`, one part per window beyond 30 s."""
@@ -69,9 +94,12 @@ class SoundSearchApp:
 
     @torch.no_grad()
     def classify(self, audio_path: str | None, labels: str) -> dict[str, float]:
+        _check_length(labels or "", "The label list")
         names = [label.strip() for label in (labels or "").split(",") if label.strip()]
         if not names:
             raise gr.Error("Give at least one label, e.g. 'a dog barking, rain, a car engine'.")
+        if len(names) > MAX_LABELS:
+            raise gr.Error(f"Give at most {MAX_LABELS} labels; got {len(names)}.")
         waveform = self._clip(audio_path)
         library, model = self.library, self.library.model
         audio_embeds, _ = library.embed_waveforms(library.windows(waveform)[1])
@@ -92,9 +120,18 @@ class SoundSearchApp:
             f"**{len(rows)} files**, {sum(row[2] for row in rows)} windows of {config['window_seconds']} s "
             f"({config['hop_seconds']} s apart), {sum(row[1] for row in rows) / 60:.1f} minutes of audio. "
             f"Model: `{config.get('model')}`. Library folder: `{library.directory}`. {tokens} "
-            f"Files that could not be read: {len(failures)}."
+            f"Files that could not be read: {len(failures)}.\n\n"
+            f"Limits: uploads up to {self.max_upload_mb} MB, clips up to {MAX_CLIP_SECONDS // 60} minutes, queries "
+            f"and label lists up to {MAX_QUERY_CHARACTERS} characters, {MAX_LABELS} labels, {MAX_RESULTS} files a "
+            "search. The app plays the library's own files and the clips uploaded to it, nothing else."
         )
         return text, rows, failures
+
+    def _as_json(self, hit: SearchHit) -> dict:
+        # "file", not "path": gradio takes any dict with a "path" for a file to upload or download. `audio_url` is
+        # where the app serves the file (relative to the app's address), None where it does not (`LibraryAudio`).
+        fields = asdict(hit)
+        return {"file": fields.pop("path"), **fields, "audio_url": self.audio.url(hit.path)}
 
     def _k(self, k) -> int:
         return max(1, min(int(k or 10), MAX_RESULTS))
@@ -103,6 +140,7 @@ class SoundSearchApp:
         if not audio_path:
             raise gr.Error("Upload or record a clip first.")
         try:
+            # Decoded a little past the limit: enough to tell an over-long clip, in bounded memory (`load_audio`).
             waveform = load_audio(audio_path, sampling_rate=self.library.sampling_rate, max_seconds=MAX_CLIP_SECONDS + 1)
         except AudioLoadError as error:
             raise gr.Error(f"That file is not audio this app can read: {error.reason}") from error
@@ -113,10 +151,69 @@ class SoundSearchApp:
         return waveform
 
 
-def _as_json(hit: SearchHit) -> dict:
-    # "file", not "path": gradio takes any dict with a "path" for a file to upload or download.
-    fields = asdict(hit)
-    return {"file": fields.pop("path"), **fields}
+def _check_length(text: str, what: str):
+    if len(text) > MAX_QUERY_CHARACTERS:
+        raise gr.Error(f"{what} is longer than {MAX_QUERY_CHARACTERS} characters.")
+
+
+class LibraryAudio:
+    """
+    The library's audio files over HTTP, and nothing else: `GET /library-audio/<file key>/<file name>`.
+
+    Why a route of the app's own. Gradio serves a file when it lies under one of `allowed_paths` (folders or files),
+    the static paths, its upload folder or its cache (`gradio.route_utils.file_fetch`). Giving it the indexed folders
+    serves every file in them (secrets beside the audio included), and giving it each indexed file makes every
+    request scan the whole list. So Gradio is given no `allowed_paths` at all: its `/gradio_api/file=` route serves
+    only the clips uploaded to this app (and the files it wrote itself), from a private temporary folder. The players
+    fetch the library's files here instead, by file key: a request names no path, so `..`, absolute paths and other
+    files cannot be asked for; a key is served only if `AudioLibrary.shareable_file` finds it listed, an audio file,
+    inside its indexed folder after symlinks, and still the very file that was embedded (which a key in an imported
+    export cannot prove for a file here). A key is 128 bits of a hash of the file's path, size and modification time,
+    or of its content: only someone who was shown it by a search, or who has the file, can name it.
+    """
+
+    def __init__(self, library: AudioLibrary):
+        self.library = library
+        self._keys = None  # the searched files' paths -> their keys, read once
+        self._checked = {}  # key -> (real path, its stat signature) of a file found shareable
+
+    def url(self, path: str) -> str | None:
+        """Where the app serves the library file `path` (a search hit's), or None if it does not."""
+        if self._keys is None:
+            self._keys = {self.library.path_of(key): key for key in self.library.live_keys()}
+        key = self._keys.get(path)
+        if key is None or self.file(key) is None:
+            return None
+        return f"{AUDIO_ROUTE}/{quote(key, safe='')}/{quote(os.path.basename(path), safe='')}"
+
+    def file(self, key: str) -> str | None:
+        """The real path to serve for `key`, or None; checked again whenever the file changed since."""
+        checked = self._checked.get(key)
+        if checked is not None and _signature(checked[0]) == checked[1]:
+            return checked[0]
+        real = self.library.shareable_file(key)
+        if real is None:
+            self._checked.pop(key, None)
+            return None
+        self._checked[key] = (real, _signature(real))
+        return real
+
+    def response(self, key: str, name: str) -> fastapi.Response:
+        real = self.file(key)
+        if real is None or name != os.path.basename(self.library.path_of(key)):
+            return fastapi.Response("Not found", status_code=404, media_type="text/plain")
+        media_type = mimetypes.guess_type(real)[0] or "application/octet-stream"
+        # Starlette's FileResponse answers byte ranges (206), which players ask for when seeking.
+        return fastapi.responses.FileResponse(real, media_type=media_type, filename=name, content_disposition_type="inline",
+                                              headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+
+def _signature(path: str) -> tuple | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def _results_view(hits: list[dict] | None):
@@ -130,7 +227,16 @@ def _results_view(hits: list[dict] | None):
             caption = f"  \n*{hit['caption']}*" if hit.get("caption") else ""
             gr.Markdown(f"**{rank}. {os.path.basename(hit['file'])}**  \nscore {hit['score']:.3f}{match}{where}{caption}",
                         elem_classes="hit")  # fmt: skip
-            gr.Audio(hit["file"], show_label=False, interactive=False, elem_classes="hit-audio")
+            gr.HTML(_player(hit), elem_classes="hit-audio")
+
+
+def _player(hit: dict) -> str:
+    """The browser's own player for a hit, with a download link; the file comes from the app's audio route."""
+    if not hit.get("audio_url"):
+        return "<em>This file is not served here: the library does not list it as indexed on this machine.</em>"
+    url, name = html.escape(hit["audio_url"]), html.escape(os.path.basename(hit["file"]))
+    return (f'<audio controls preload="metadata" src="{url}"></audio> '
+            f'<a href="{url}" download="{name}">download</a>')  # fmt: skip
 
 
 def _captions_view(parts: list[dict] | None):
@@ -142,7 +248,8 @@ def _captions_view(parts: list[dict] | None):
 
 
 def build_app(app: SoundSearchApp) -> gr.Blocks:
-    with gr.Blocks(title="audio-qformer sound search") as blocks:
+    # Uploads older than an hour are deleted every hour (and all of them when the app stops).
+    with gr.Blocks(title="audio-qformer sound search", delete_cache=(3600, 3600)) as blocks:
         gr.Markdown(
             "# Sound search\nType what you want to hear; the library's files come back ranked, each with a player. "
             f"Model `{app.library.config.get('model')}`."
@@ -190,11 +297,6 @@ def build_app(app: SoundSearchApp) -> gr.Blocks:
     return blocks
 
 
-def library_roots(library: AudioLibrary) -> list[str]:
-    """The folders the app may serve audio from: every indexed folder."""
-    return sorted({os.path.abspath(os.path.join(library.directory, root)) for root in library.files})
-
-
 def open_library(library_dir: str, model: str | None, sounds: str | None) -> AudioLibrary:
     """The library, created with `model` if new, after embedding what `sounds` holds that it does not."""
     if os.path.exists(os.path.join(library_dir, "library.json")):
@@ -214,6 +316,17 @@ def open_library(library_dir: str, model: str | None, sounds: str | None) -> Aud
     return library
 
 
+def make_server(search_app: SoundSearchApp) -> fastapi.FastAPI:
+    """
+    The app's HTTP server: the library's audio route (`LibraryAudio`) and the Gradio app at `/`, given no folders to
+    serve (see `LibraryAudio` for why), uploads capped at `search_app.max_upload_mb`. Run it with uvicorn.
+    """
+    server = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    server.add_api_route(f"/{AUDIO_ROUTE}/{{key}}/{{name}}", search_app.audio.response, methods=["GET", "HEAD"])
+    return gr.mount_gradio_app(server, build_app(search_app), path="/", allowed_paths=[], show_error=False,
+                               ssr_mode=False, footer_links=["api"], max_file_size=f"{search_app.max_upload_mb}mb")  # fmt: skip
+
+
 def main(argv=None):
     defaults_path = os.path.join(HERE, APP_DEFAULTS)
     defaults = json.load(open(defaults_path)) if os.path.exists(defaults_path) else {}
@@ -225,13 +338,21 @@ def main(argv=None):
     parser.add_argument("--sounds", help="Index this folder first (default: the library's sounds/ folder, if any).")
     parser.add_argument("--host", help="Address to serve on (default 127.0.0.1, or GRADIO_SERVER_NAME).")
     parser.add_argument("--port", type=int, help="Port (default 7860, or GRADIO_SERVER_PORT).")
+    parser.add_argument("--max_upload_mb", type=int, default=MAX_UPLOAD_MB, help="Refuse uploads larger than this "
+                        f"many MB (default {MAX_UPLOAD_MB}).")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.max_upload_mb < 1:
+        parser.error(f"--max_upload_mb must be at least 1; got {args.max_upload_mb}.")
     library_dir = args.library or (os.path.join(HERE, defaults["library"]) if "library" in defaults else "audio-library")
     sounds = args.sounds or (os.path.join(library_dir, "sounds") if os.path.isdir(os.path.join(library_dir, "sounds")) else None)
     library = open_library(library_dir, args.model, sounds)
-    blocks = build_app(SoundSearchApp(library))
-    blocks.queue().launch(server_name=args.host, server_port=args.port, share=False, ssr_mode=False,
-                          allowed_paths=library_roots(library), footer_links=["api"])  # fmt: skip
+    import uvicorn
+
+    host = args.host or os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+    port = args.port or int(os.environ.get("GRADIO_SERVER_PORT") or 7860)
+    server = make_server(SoundSearchApp(library, args.max_upload_mb))
+    print(f"Serving {library_dir} on http://{host}:{port} (no sign-in: see the README before serving others)")
+    uvicorn.run(server, host=host, port=port, log_level="warning")
     return 0
 
 

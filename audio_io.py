@@ -17,6 +17,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 SAMPLING_RATE = 16000
+# Frames decoded at a time (about 1.4 s at 48 kHz).
+BLOCK_FRAMES = 65536
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au")
 
 
@@ -80,25 +82,34 @@ def load_audio(
         raise AudioLoadError(name, "permission denied")
     if (os.path.getsize(path) if path else len(data or b"")) == 0:
         raise AudioLoadError(name, "empty file (0 bytes)")
+    parts = []
     try:
         with soundfile.SoundFile(path if path else io.BytesIO(data)) as handle:
             rate = handle.samplerate
             frames = -1 if max_seconds is None else math.ceil(max_seconds * rate)
-            waveform = handle.read(frames, dtype="float32", always_2d=True)
+            # Read in blocks, each mixed to mono and resampled as it comes (soxr's stream gives the one-shot result
+            # exactly): memory holds the 16 kHz mono clip only, whatever the file's channels and sampling rate.
+            stream = None if rate == sampling_rate else soxr.ResampleStream(rate, sampling_rate, 1, "float32", "HQ")
+            blocks = handle.blocks(BLOCK_FRAMES, frames=frames, dtype="float32", always_2d=True)
+            block = next(blocks, None)
+            while block is not None:
+                following = next(blocks, None)
+                mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1)
+                if not np.isfinite(mono).all():
+                    raise AudioLoadError(name, "NaN or infinite samples")
+                parts.append(mono if stream is None else stream.resample_chunk(mono, last=following is None))
+                block = following
             if "should be" in handle.extra_info:  # libsndfile's log: a chunk size that disagrees with the file
                 logger.warning(f"{name}: the header's sizes disagree with the file (truncated?); read what is there.")
+    except AudioLoadError:
+        raise
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError depending on the cause
         # LibsndfileError's own message repeats the file name; its `error_string` is the reason alone.
         reason = getattr(error, "error_string", None) or f"{type(error).__name__}: {error}"
         raise AudioLoadError(name, f"unreadable audio ({reason})") from error
-    if waveform.size == 0:
+    if not parts:
         raise AudioLoadError(name, "no samples")
-    waveform = waveform[:, 0] if waveform.shape[1] == 1 else waveform.mean(axis=1)  # no copy of a long mono clip
-    if not np.isfinite(waveform).all():
-        raise AudioLoadError(name, "NaN or infinite samples")
-    if rate != sampling_rate:
-        waveform = soxr.resample(waveform, rate, sampling_rate, quality="HQ").astype(np.float32)
-    return waveform
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def audio_files(directory: str) -> list[str]:

@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from audio_io import HOP_SECONDS, WINDOW_SECONDS, AudioLoadError, audio_files, load_audio, window_starts
+from audio_io import AUDIO_EXTENSIONS, HOP_SECONDS, WINDOW_SECONDS, AudioLoadError, audio_files, load_audio, window_starts
 from feature_cache import FeatureCache, clip_key, weights_fingerprint, write_atomically
 from retrieval import rerank_with_matching_head, tokenize_texts
 from vector_search import exact_search
@@ -228,7 +228,7 @@ def _stored_entries(dataset, name: str, sampling_rate: int, batch_size: int = 10
 def _folders_of(paths: list[str]) -> dict[str, list[str]]:
     """
     Stored paths grouped by the deepest folder that holds them (relative and absolute paths apart), as `files.json`
-    records an indexed folder: the app serves audio from these folders only.
+    records an indexed folder.
     """
     groups: dict[bool, list[str]] = {}
     for path in paths:
@@ -389,7 +389,7 @@ class AudioLibrary:
         embed_width = model.config.num_query_tokens * model.config.embed_dim
         self.embeddings = FeatureCache(directory, "embeddings", embed_width)
         self.tokens = FeatureCache(directory, "tokens", model.config.audio_config.hidden_size)
-        self._live = None
+        self._forget_listing()
         self._audio_encoder = None  # BEATs' CPU copy, built on first use (`beats_cpu.cpu_copy`)
 
     @classmethod
@@ -474,7 +474,7 @@ class AudioLibrary:
                 _write_json_atomically(os.path.join(directory, LIBRARY_FILES), library.files)
         finally:
             lock.close()
-        library._live = None
+        library._forget_listing()
         return library
 
     def to_dataset(self, cache_dir: str | None = None):
@@ -533,6 +533,34 @@ class AudioLibrary:
     def path_of(self, key: str) -> str:
         """The file of a stored key, absolute."""
         return os.path.abspath(os.path.join(self.directory, self.embeddings.metadata(key)["path"]))
+
+    def _forget_listing(self):
+        """Drop what is derived from the file list (`files`), after it changed."""
+        self._live, self._listed = None, None
+
+    def shareable_file(self, key: str) -> str | None:
+        """
+        The real path of the audio file listed under `key`, if it may be handed to others (the app serves nothing
+        else), else None. It must be a file the library lists, with an audio file extension, inside the folder it is
+        listed under after symlinks are followed (a link leading out is refused), and still the very file that was
+        embedded: its key now must be `key` (the same content for files inside the library folder; elsewhere the same
+        path, size and modification time to the nanosecond). So a changed file is refused until it is indexed again,
+        and a path that only an imported export names is refused: its key was made where the export was made.
+        """
+        if self._listed is None:
+            self._listed = {}
+            for root, listed in self.files.items():
+                for path, listed_key in listed.items():
+                    self._listed.setdefault(listed_key, (root, path))
+        if key not in self._listed:
+            return None
+        root, path = (os.path.abspath(os.path.join(self.directory, name)) for name in self._listed[key])
+        real, real_root = os.path.realpath(path), os.path.realpath(root)
+        if not (path.lower().endswith(AUDIO_EXTENSIONS) and real.lower().endswith(AUDIO_EXTENSIONS)):
+            return None
+        if os.path.commonpath([real, real_root]) != real_root or not os.path.isfile(real):
+            return None
+        return real if self._file_key(path) == key else None
 
     # --- embedding ---------------------------------------------------------------------------------------------------
 
@@ -735,7 +763,7 @@ class AudioLibrary:
             self.tokens.reload()
             with open(os.path.join(self.directory, LIBRARY_FILES)) as handle:
                 self.files = json.load(handle)
-        self._live = None
+        self._forget_listing()
         unreadable = len(failed)
         if not several or state.is_main_process:  # each process would report the same rows
             failed += missing

@@ -60,15 +60,24 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def client(library):
+    """The app's server (`app.make_server`) run by uvicorn in a thread, as `app.py` runs it, and a client of it."""
+    import threading
+
+    import uvicorn
     from gradio_client import Client
 
     import app
 
-    blocks = app.build_app(app.SoundSearchApp(library))
-    _, url, _ = blocks.queue().launch(server_port=free_port(), prevent_thread_lock=True, share=False, ssr_mode=False,
-                                      allowed_paths=app.library_roots(library), quiet=True)  # fmt: skip
-    yield Client(url, verbose=False)
-    blocks.close()
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app.make_server(app.SoundSearchApp(library)), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.1)
+    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
+    server.should_exit = True
+    thread.join(30)
 
 
 def assert_same_hits(got: list[dict], hits):
@@ -77,6 +86,7 @@ def assert_same_hits(got: list[dict], hits):
         assert (g["score"], g["cosine"], g["start_seconds"]) == pytest.approx((h.score, h.cosine, h.start_seconds))
         assert (g["match_logit"] is None) == (h.match_logit is None)
         assert g["caption"] == h.caption and h.caption  # the app builds libraries with captions
+        assert g["audio_url"].startswith("library-audio/") and g["audio_url"].endswith("/" + os.path.basename(h.path))
 
 
 def test_endpoints_equal_the_library(client, library, sounds, saved_model):
@@ -242,11 +252,14 @@ def test_in_a_browser(saved_model, library, sounds, tmp_path):
             page.locator("#search-button").click()
             page.locator("#search-results .hit").first.wait_for(timeout=60_000)
             assert f"1. {top}" in page.locator("#search-results .hit").first.inner_text()
-            # gradio's player decodes the file into a blob-backed <audio> (in a shadow root, which locators pierce)
+            # the browser's own player, fed by the app's audio route
             audio = page.locator("#search-results .hit-audio audio[src]").first
             audio.wait_for(state="attached", timeout=30_000)
             page.wait_for_function("a => a.readyState >= 1", arg=audio.element_handle(), timeout=30_000)
             assert audio.evaluate("a => a.duration") == pytest.approx(top_seconds, abs=0.05)  # fetched and decoded
+            assert audio.evaluate("a => a.currentSrc").startswith(f"http://127.0.0.1:{port}/library-audio/")
+            link = page.locator("#search-results .hit-audio a[download]").first
+            assert link.get_attribute("download") == top and link.get_attribute("href") == audio.get_attribute("src")
             page.screenshot(path=str(tmp_path / "search.png"))
             page.get_by_role("tab", name="Similar").click()
             page.locator("#similar-clip input[type=file]").set_input_files(str(upload))
