@@ -3,13 +3,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Extra requirements installed with the project, e.g. PINS="transformers==5.24.0" (CI tests the lowest release too).
+PINS ?=
 
 .PHONY: demo test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[train,test]"
+	$(PY) -m pip install --quiet -e ".[train,test]" $(PINS)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -55,7 +55,7 @@ APP_DEFAULTS = "app_defaults.json"
 # What one request may ask for. The endpoint handler (`handler.py`) has the same clip limit.
 MAX_CLIP_SECONDS = 600  # an uploaded clip to compare, describe or classify
 MAX_UPLOAD_MB = 200  # an upload's size (`--max_upload_mb`): 10 minutes of 48 kHz stereo 24-bit WAV take 173 MB
-MAX_QUERY_CHARACTERS = 1000  # a query or the label list; the model reads at most its `eval_max_text_length` tokens
+MAX_TEXT_CHARACTERS = 1000  # a query or a label; the model reads at most its `eval_max_text_length` tokens
 MAX_LABELS = 100
 MAX_RESULTS = 50
 SILENCE_PEAK = 1e-4  # a clip whose loudest sample is below -80 dBFS has nothing to compare
@@ -75,7 +75,8 @@ class SoundSearchApp:
     def search(self, query: str, k: int = 10, rerank: bool = False) -> list[dict]:
         if not query or not query.strip():
             raise gr.Error("Type what you want to hear, e.g. 'a dog barks while cars pass by'.")
-        _check_length(query, "The query")
+        if len(query) > MAX_TEXT_CHARACTERS:
+            raise gr.Error(f"The query is longer than {MAX_TEXT_CHARACTERS} characters.")
         depth = self.library.model.config.rerank_top_k if rerank else 0
         hits = self.library.search([query.strip()], k=self._k(k), rerank=depth)[0]
         return [self._as_json(hit) for hit in hits]
@@ -94,12 +95,14 @@ class SoundSearchApp:
 
     @torch.no_grad()
     def classify(self, audio_path: str | None, labels: str) -> dict[str, float]:
-        _check_length(labels or "", "The label list")
+        if len(labels or "") > MAX_LABELS * (MAX_TEXT_CHARACTERS + 1):  # before splitting an over-long text
+            raise gr.Error(f"Give at most {MAX_LABELS} labels of {MAX_TEXT_CHARACTERS} characters each.")
         names = [label.strip() for label in (labels or "").split(",") if label.strip()]
         if not names:
             raise gr.Error("Give at least one label, e.g. 'a dog barking, rain, a car engine'.")
-        if len(names) > MAX_LABELS:
-            raise gr.Error(f"Give at most {MAX_LABELS} labels; got {len(names)}.")
+        if len(names) > MAX_LABELS or any(len(name) > MAX_TEXT_CHARACTERS for name in names):
+            raise gr.Error(f"Give at most {MAX_LABELS} labels of {MAX_TEXT_CHARACTERS} characters each; got "
+                           f"{len(names)}, the longest {max(map(len, names))}.")  # fmt: skip
         waveform = self._clip(audio_path)
         library, model = self.library, self.library.model
         audio_embeds, _ = library.embed_waveforms(library.windows(waveform)[1])
@@ -122,8 +125,8 @@ class SoundSearchApp:
             f"Model: `{config.get('model')}`. Library folder: `{library.directory}`. {tokens} "
             f"Files that could not be read: {len(failures)}.\n\n"
             f"Limits: uploads up to {self.max_upload_mb} MB, clips up to {MAX_CLIP_SECONDS // 60} minutes, queries "
-            f"and label lists up to {MAX_QUERY_CHARACTERS} characters, {MAX_LABELS} labels, {MAX_RESULTS} files a "
-            "search. The app plays the library's own files and the clips uploaded to it, nothing else."
+            f"and labels up to {MAX_TEXT_CHARACTERS} characters, {MAX_LABELS} labels, {MAX_RESULTS} files a search. "
+            "The app plays the library's own files and the clips uploaded to it, nothing else."
         )
         return text, rows, failures
 
@@ -149,11 +152,6 @@ class SoundSearchApp:
         if float(np.abs(waveform).max()) < SILENCE_PEAK:
             raise gr.Error("The clip is silent (nothing above -80 dBFS): there is nothing to compare.")
         return waveform
-
-
-def _check_length(text: str, what: str):
-    if len(text) > MAX_QUERY_CHARACTERS:
-        raise gr.Error(f"{what} is longer than {MAX_QUERY_CHARACTERS} characters.")
 
 
 class LibraryAudio:
@@ -316,15 +314,18 @@ def open_library(library_dir: str, model: str | None, sounds: str | None) -> Aud
     return library
 
 
-def make_server(search_app: SoundSearchApp) -> fastapi.FastAPI:
+def make_server(search_app: SoundSearchApp, auth=None) -> fastapi.FastAPI:
     """
     The app's HTTP server: the library's audio route (`LibraryAudio`) and the Gradio app at `/`, given no folders to
-    serve (see `LibraryAudio` for why), uploads capped at `search_app.max_upload_mb`. Run it with uvicorn.
+    serve (see `LibraryAudio` for why), uploads capped at `search_app.max_upload_mb`. Run it with uvicorn. `auth` is
+    Gradio's (`("user", "password")`, a list of them, or a function of both): a sign-in page before the app; the audio
+    route stays open, but serves a file only by the key that a signed-in search shows.
     """
     server = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     server.add_api_route(f"/{AUDIO_ROUTE}/{{key}}/{{name}}", search_app.audio.response, methods=["GET", "HEAD"])
     return gr.mount_gradio_app(server, build_app(search_app), path="/", allowed_paths=[], show_error=False,
-                               ssr_mode=False, footer_links=["api"], max_file_size=f"{search_app.max_upload_mb}mb")  # fmt: skip
+                               ssr_mode=False, footer_links=["api"], max_file_size=f"{search_app.max_upload_mb}mb",
+                               auth=auth)  # fmt: skip
 
 
 def main(argv=None):

@@ -34,7 +34,10 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 
+# What one request may send (the app, `app.py`, has the same limits).
 MAX_AUDIO_SECONDS = 600
+MAX_TEXT_CHARACTERS = 1000  # a text or label; the model reads at most its `eval_max_text_length` tokens
+MAX_LABELS = 100
 # transformers' zero-shot audio classification pipeline's default template.
 HYPOTHESIS_TEMPLATE = "This is a sound of {}."
 TASKS = ("zero-shot-audio-classification", "audio-embedding", "text-embedding", "text-to-audio-ranking", "caption")
@@ -123,6 +126,8 @@ class EndpointHandler:
     def _need_texts(texts, task):
         if not texts or any(not text.strip() for text in texts):
             raise ValueError(f'Task {task} needs non-empty texts in "inputs.text".')
+        if any(len(text) > MAX_TEXT_CHARACTERS for text in texts):
+            raise ValueError(f'"inputs.text": a text is longer than the endpoint\'s limit of {MAX_TEXT_CHARACTERS} characters.')
         return texts
 
     @staticmethod
@@ -141,6 +146,9 @@ class EndpointHandler:
         labels = [label.strip() for label in labels if label.strip()]
         if not labels:
             raise ValueError("parameters.candidate_labels is empty: give at least one label.")
+        if len(labels) > MAX_LABELS or any(len(label) > MAX_TEXT_CHARACTERS for label in labels):
+            raise ValueError(f"parameters.candidate_labels: at most {MAX_LABELS} labels of {MAX_TEXT_CHARACTERS} "
+                             f"characters each; got {len(labels)}, the longest {max(map(len, labels))}.")  # fmt: skip
         return labels
 
     @staticmethod

@@ -973,6 +973,19 @@ class AudioQFormerModel(AudioQFormerPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module):
         self.embeddings.word_embeddings = value
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        # The caption head starts every caption with the [DEC] token: a vocabulary without it would fail at the next
+        # forward with an IndexError, far from the cause.
+        if new_num_tokens is not None:
+            size = new_num_tokens if not pad_to_multiple_of else -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+            if size <= self.config.decoder_bos_token_id:
+                raise ValueError(
+                    f"Cannot resize the Q-Former vocabulary to {size} tokens: the caption head's [DEC] token has id "
+                    f"{self.config.decoder_bos_token_id} (`config.decoder_bos_token_id`), so it needs at least "
+                    f"{self.config.decoder_bos_token_id + 1}."
+                )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head.decoder
 

@@ -1,5 +1,6 @@
 """The Gradio app (`app.py`) through `gradio_client` and a real browser, and the folders the Hub pushes upload."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -58,26 +60,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def client(library):
-    """The app's server (`app.make_server`) run by uvicorn in a thread, as `app.py` runs it, and a client of it."""
+@contextlib.contextmanager
+def serving(server_app):
+    """An app server (`app.make_server`) run by uvicorn in a thread, as `app.py` runs it; yields its address."""
     import threading
 
     import uvicorn
-    from gradio_client import Client
-
-    import app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app.make_server(app.SoundSearchApp(library)), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(server_app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
     while not server.started and time.time() < deadline:
         time.sleep(0.1)
-    yield Client(f"http://127.0.0.1:{port}/", verbose=False)
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def client(library):
+    from gradio_client import Client
+
+    import app
+
+    with serving(app.make_server(app.SoundSearchApp(library))) as url:
+        yield Client(url, verbose=False)
+
+
+def test_sign_in_guards_the_app(library):
+    from gradio_client import Client
+
+    import app
+
+    with serving(app.make_server(app.SoundSearchApp(library), auth=[("alice", "a long passphrase")])) as url:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(url + "config")
+        with pytest.raises(Exception, match="credentials were not provided"):
+            Client(url, verbose=False)
+        hits = Client(url, auth=("alice", "a long passphrase"), verbose=False).predict("rain", 2, False, api_name="/search")
+        assert [hit["file"] for hit in hits] == [hit.path for hit in library.search(["rain"], k=2)[0]]
 
 
 def assert_same_hits(got: list[dict], hits):

@@ -179,8 +179,9 @@ def test_uploads_are_served_back_and_bounded(home, server):
     cases = [
         (("rain " * 201, 3, False, "/search"), "longer than 1000 characters"),
         ((handle_file(str(home_dir / "sounds" / "clip1.wav")), ", ".join(["rain"] * 101), "/classify"),
-         "at most 100 labels"),
-        ((handle_file(str(home_dir / "sounds" / "clip1.wav")), "rain" * 300, "/classify"), "longer than 1000 characters"),
+         "at most 100 labels of 1000 characters each; got 101"),
+        ((handle_file(str(home_dir / "sounds" / "clip1.wav")), "rain" * 300, "/classify"), "got 1, the longest 1200"),
+        ((handle_file(str(home_dir / "sounds" / "clip1.wav")), "rain" * 30000, "/classify"), "at most 100 labels"),
     ]  # fmt: skip
     for (*inputs, endpoint), message in cases:
         with pytest.raises(AppError, match=message):

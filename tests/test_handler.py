@@ -119,6 +119,8 @@ HANDLER_SCRIPT = """
         "too long": {{"inputs": too_long, "parameters": {{"task": "audio-embedding"}}}},
         "unknown task": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "translate"}}}},
         "empty text": {{"inputs": {{"text": ["  "]}}}},
+        "long text": {{"inputs": {{"text": ["rain " * 201]}}}},
+        "many labels": {{"inputs": encode(stereo, "WAV"), "parameters": {{"candidate_labels": ["rain"] * 101}}}},
         "caption option": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption", "num_beams": "three"}}}},
         "caption range": {{"inputs": encode(stereo, "WAV"), "parameters": {{"task": "caption", "num_beams": 40}}}},
     }}
@@ -159,6 +161,8 @@ def test_handler_from_a_fresh_process(saved_folder, tmp_path):
     assert "longer than the endpoint's limit of 600 s" in errors["too long"]
     assert "Unknown task 'translate'" in errors["unknown task"]
     assert "needs non-empty texts" in errors["empty text"]
+    assert "longer than the endpoint's limit of 1000 characters" in errors["long text"]
+    assert "at most 100 labels of 1000 characters each; got 101" in errors["many labels"]
     assert "parameters.num_beams must be int" in errors["caption option"]
     assert "parameters.num_beams must be 1 to 10, got 40" in errors["caption range"]
     # Captions: the model's generate on the decoded clip (beam search by default, options passed through); a clip

@@ -115,6 +115,19 @@ def test_resize_token_embeddings_resizes_the_qformer_vocabulary_and_reloads(mode
         torch.testing.assert_close(reloaded.get_text_features(input_ids, attention_mask).text_embeds, before)
 
 
+def test_resize_below_the_decoder_token_is_refused(model):
+    dec = model.config.decoder_bos_token_id
+    size = model.config.qformer_config.vocab_size
+    for new_size, multiple in ((dec, None), (dec - 5, None), (dec - 8, 4)):
+        with pytest.raises(ValueError, match=f"\\[DEC\\] token has id {dec}"):
+            model.resize_token_embeddings(new_size, pad_to_multiple_of=multiple)
+    assert model.get_input_embeddings().weight.shape[0] == model.config.qformer_config.vocab_size == size  # untouched
+    model.resize_token_embeddings(dec + 1)  # the smallest vocabulary that keeps it: captions still start with it
+    features, mask = fbank_batch()
+    ids = model.generate(input_features=features, feature_attention_mask=mask, num_beams=1, max_length=5, min_length=1)
+    assert (ids[:, 0] == dec).all() and int(ids.max()) <= dec
+
+
 def test_beats_config_and_model_pass_their_own_attention_choice():
     model = BeatsModel(BeatsConfig(**TINY_BEATS, attn_implementation="eager"))
     assert model.config._attn_implementation == "eager"
