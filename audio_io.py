@@ -106,6 +106,8 @@ def load_audio(
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError depending on the cause
         # LibsndfileError's own message repeats the file name; its `error_string` is the reason alone.
         reason = getattr(error, "error_string", None) or f"{type(error).__name__}: {error}"
+        if name.lower().endswith((".m4a", ".aac", ".mp4", ".webm")):
+            reason += "; libsndfile does not decode AAC or WebM audio: convert it first, e.g. `ffmpeg -i in.m4a out.flac`"
         raise AudioLoadError(name, f"unreadable audio ({reason})") from error
     if not parts:
         raise AudioLoadError(name, "no samples")

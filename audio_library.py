@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from audio_io import AUDIO_EXTENSIONS, HOP_SECONDS, WINDOW_SECONDS, AudioLoadError, audio_files, load_audio, window_starts
-from feature_cache import FeatureCache, clip_key, weights_fingerprint, write_atomically
+from feature_cache import FeatureCache, audio_file_for, clip_key, weights_fingerprint, write_atomically
 from retrieval import rerank_with_matching_head, tokenize_texts
 from vector_search import exact_search
 
@@ -681,12 +681,7 @@ class AudioLibrary:
         for row, (path, data) in enumerate(_dataset_audio(dataset, audio_column, name)):
             # The row's bytes when it has them: its path is then only a name (a Hub row's `clip1.wav` is no local file).
             if data:
-                digest = hashlib.blake2b(data, digest_size=8).hexdigest()
-                target = os.path.join(folder, f"{digest}-{os.path.basename(path or '') or 'audio'}")
-                if write and not os.path.exists(target):  # named by its bytes: an existing file holds them already
-                    os.makedirs(folder, exist_ok=True)
-                    write_atomically(target, data)
-                copied.append(target)
+                copied.append(audio_file_for(data, folder, path, write))
             elif path and os.path.isfile(path):
                 local.append(os.path.abspath(path))
             else:

@@ -15,17 +15,20 @@ Nothing is dropped silently: skipped clips are logged with their count and first
 used.
 """
 
+import csv
 import hashlib
+import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from transformers.utils import logging
 
 from audio_io import AUDIO_EXTENSIONS
-from feature_cache import clip_key
+from feature_cache import audio_file_for, clip_key
 
 
 logger = logging.get_logger(__name__)
@@ -91,61 +94,249 @@ def _rows_from_files(
     return Dataset.from_dict(rows, features=FEATURES), skipped
 
 
+# --- Clotho ---------------------------------------------------------------------------------------------------------
+
+CLOTHO_SPLITS = ("development", "validation", "evaluation")
+CLOTHO_SPLIT_ALIASES = {"dev": "development", "val": "validation", "eval": "evaluation"}  # aac-datasets' subset names
+
+
+def clotho_layout(root: str, split: str) -> tuple[str, str]:
+    """
+    The captions CSV and the audio folder of a Clotho v2.1 split under `root`, in either layout people have: the
+    Zenodo files unpacked (`clotho_captions_{split}.csv` beside the folder `{split}/`), or what aac-datasets downloads
+    (`CLOTHO_v2.1/clotho_csv_files/clotho_captions_{split}.csv` and `CLOTHO_v2.1/clotho_audio_files/{split}/`), given
+    its root or the `CLOTHO_v2.1` folder itself.
+    """
+    split = CLOTHO_SPLIT_ALIASES.get(split, split)
+    if split not in CLOTHO_SPLITS:
+        raise ValueError(
+            f"Clotho has the captioned splits {', '.join(CLOTHO_SPLITS)} (aac-datasets: dev, val, eval); got {split!r} "
+            "(its `test` set is DCASE's captioning test, without captions)."
+        )
+    csv_name = f"clotho_captions_{split}.csv"
+    candidates = [(os.path.join(root, csv_name), os.path.join(root, split))]
+    for base in (root, os.path.join(root, "CLOTHO_v2.1")):
+        candidates.append((os.path.join(base, "clotho_csv_files", csv_name), os.path.join(base, "clotho_audio_files", split)))
+    for csv_path, audio_dir in candidates:
+        if os.path.isfile(csv_path):
+            if not os.path.isdir(audio_dir):
+                raise FileNotFoundError(f"Clotho: {csv_path} has no audio folder beside it ({audio_dir}); unpack "
+                                        f"clotho_audio_{split}.7z there.")  # fmt: skip
+            return csv_path, audio_dir
+    raise FileNotFoundError(f"Clotho: no {csv_name} under {root}; looked for " + ", ".join(c for c, _ in candidates))
+
+
+def _read_csv(path: str) -> list[dict]:
+    """The rows of a CSV file (UTF-8, else Latin-1 as Clotho's metadata files are), as dicts."""
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            with open(path, newline="", encoding=encoding) as handle:
+                return list(csv.DictReader(handle))
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")
+
+
 def load_clotho(root: str, split: str) -> tuple[Dataset, list[dict]]:
     """
-    Clotho v2.1 in its official layout: `root/clotho_captions_{split}.csv` (`file_name, caption_1..caption_5`) and
-    the clips in `root/{split}/` (splits `development`, `validation`, `evaluation`).
+    A Clotho v2.1 split (`development`, `validation`, `evaluation`; aac-datasets' `dev`, `val`, `eval`) in either
+    layout `clotho_layout` finds: one row per caption of `file_name, caption_1..caption_5`.
     """
-    csv_path = os.path.join(root, f"clotho_captions_{split}.csv")
-    if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"Clotho: no caption file {csv_path} (expected clotho_captions_{{split}}.csv).")
-    table = load_dataset("csv", data_files=csv_path, split="train")
-    caption_columns = sorted(c for c in table.column_names if c.startswith("caption_"))
-    if "file_name" not in table.column_names or not caption_columns:
-        raise ValueError(f"{csv_path}: expected columns file_name, caption_1..caption_5; found {table.column_names}.")
-    audio_dir = os.path.join(root, split)
-    pairs = [
-        (os.path.join(audio_dir, row["file_name"]), [row[c] for c in caption_columns]) for row in table
-    ]
+    csv_path, audio_dir = clotho_layout(root, split)
+    split = CLOTHO_SPLIT_ALIASES.get(split, split)
+    table = _read_csv(csv_path)
+    caption_columns = sorted(c for c in (table[0] if table else {}) if c.startswith("caption_"))
+    if not table or "file_name" not in table[0] or not caption_columns:
+        raise ValueError(f"{csv_path}: expected columns file_name, caption_1..caption_5; found {list(table[0]) if table else 'no rows'}.")
+    pairs = [(os.path.join(audio_dir, row["file_name"]), [row[c] for c in caption_columns]) for row in table]
     return _rows_from_files("clotho", f"clotho/{split}", pairs)
 
 
+# --- AudioCaps ------------------------------------------------------------------------------------------------------
+
+# How download tools name a clip's file (without its extension); `load_audiocaps` tries them in this order.
 AUDIOCAPS_FILE_PATTERNS = (
-    "{audiocap_id}",
-    "{youtube_id}_{start_time}",
-    "Y{youtube_id}_{start_time}",
-    "{youtube_id}",
+    "{youtube_id}_{start_time}",  # aac-datasets: audio_32000Hz/{split}/r1nicOVtvkQ_130.flac
+    "{youtube_id}_{start_ms}_{end_ms}",  # audiocaps-dl: {split}/7fmOlUlwoNg_20000_30000.wav
+    "Y{youtube_id}_{start_time}_{end_time}",  # AudioSet style: Y0a8RB5eOGJ4_30.000_40.000.wav
+    "{audiocap_id}",  # audiocaps-download (PyPI): {split}/103549.ogg, one file per caption row
+    "{youtube_id}",  # exports with one file per video
     "Y{youtube_id}",
 )
+_PATTERN_FIELDS = {
+    "youtube_id": r"(?P<youtube_id>[A-Za-z0-9_-]{11})",  # YouTube ids are 11 characters, "_" and "-" included
+    "start_time": r"(?P<start_time>\d+(?:\.\d+)?)",  # seconds: 30, 30.0, 30.000
+    "end_time": r"(?:\d+(?:\.\d+)?)",
+    "start_ms": r"(?P<start_ms>\d+)",
+    "end_ms": r"(?:\d+)",
+    "audiocap_id": r"(?P<audiocap_id>\d+)",
+}
+# soundfile reads these; .m4a / .aac are listed too so that they are reported (libsndfile cannot decode them).
+AUDIOCAPS_EXTENSIONS = AUDIO_EXTENSIONS + (".m4a", ".aac")
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = re.split(r"(\{\w+\})", pattern)
+    regex = ""
+    for part in parts:
+        if part.startswith("{") and part.endswith("}"):
+            if part[1:-1] not in _PATTERN_FIELDS:
+                raise ValueError(f"Unknown field {part} in the AudioCaps file pattern {pattern!r}; the fields are "
+                                 + ", ".join("{" + f + "}" for f in _PATTERN_FIELDS))  # fmt: skip
+            regex += _PATTERN_FIELDS[part[1:-1]]
+        else:
+            regex += re.escape(part)
+    return re.compile(regex)
+
+
+def _audio_files_under(folders: Sequence[str], extensions=AUDIOCAPS_EXTENSIONS) -> list[str]:
+    found = []
+    for folder in folders:
+        for directory, _, names in os.walk(folder):
+            found += [os.path.join(directory, n) for n in names if n.lower().endswith(extensions)]
+    return sorted(found)
 
 
 def load_audiocaps(
-    csv_path: str, audio_dir: str, file_patterns: Sequence[str] = AUDIOCAPS_FILE_PATTERNS
+    csv_path: str, audio_dirs: str | Sequence[str], file_patterns: Sequence[str] = ()
 ) -> tuple[Dataset, list[dict]]:
     """
-    AudioCaps in its official CSV layout (`audiocap_id, youtube_id, start_time, caption`, one caption per row) with a
-    folder of downloaded clips. Download tools name clips differently, so each row's file is the first that exists
-    among `file_patterns` (formatted with the row's fields) with any audio extension. Rows of one YouTube segment
-    share an audio id; clips that were not downloaded are skipped and reported.
+    AudioCaps from its CSV (`audiocap_id, youtube_id, start_time, caption`, a row per caption) and the folders the
+    clips were downloaded to, searched at any depth (one folder per CSV, or their parent). A clip is a YouTube video
+    from `start_time`: the captions of one clip are one clip however many files hold it. Its file is recognised by
+    `file_patterns` (tried first) and `AUDIOCAPS_FILE_PATTERNS` (fields `{youtube_id}`, `{start_time}`, `{end_time}`,
+    `{start_ms}`, `{end_ms}`, `{audiocap_id}`), with any audio extension. Clips without a file (about a tenth of
+    AudioCaps is gone from YouTube) are reported; when none has one, the error says what was looked for and where.
     """
-    table = load_dataset("csv", data_files=csv_path, split="train")
-    missing_columns = {"audiocap_id", "youtube_id", "start_time", "caption"} - set(table.column_names)
+    folders = [audio_dirs] if isinstance(audio_dirs, str) else list(audio_dirs)
+    table = _read_csv(csv_path)
+    missing_columns = {"audiocap_id", "youtube_id", "start_time", "caption"} - set(table[0] if table else ())
     if missing_columns:
-        raise ValueError(f"{csv_path}: missing AudioCaps columns {sorted(missing_columns)}; found {table.column_names}.")
-    existing = {os.path.splitext(name)[0]: name for name in os.listdir(audio_dir) if name.endswith(AUDIO_EXTENSIONS)}
-    captions_by_file: dict[str, list[str]] = {}
-    skipped = []
+        raise ValueError(f"{csv_path}: missing AudioCaps columns {sorted(missing_columns)}; found {list(table[0]) if table else 'no rows'}.")
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"AudioCaps: no audio folder {folder} (for {csv_path}).")
+    clip_of_row = {row["audiocap_id"]: (row["youtube_id"], float(row["start_time"])) for row in table}
+    clips_of_video: dict[str, set] = {}
+    for clip in clip_of_row.values():
+        clips_of_video.setdefault(clip[0], set()).add(clip)
+    patterns = list(dict.fromkeys([*file_patterns, *AUDIOCAPS_FILE_PATTERNS]))
+    regexes = [_pattern_regex(p) for p in patterns]
+    files = _audio_files_under(folders)
+    file_of_clip: dict[tuple, str] = {}
+    extra_files, unmatched = 0, []
+    for path in files:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        match = next((m for m in (r.fullmatch(stem) for r in regexes) if m), None)
+        fields = match.groupdict() if match else {}
+        clip = None
+        if fields.get("audiocap_id") is not None:
+            clip = clip_of_row.get(fields["audiocap_id"])
+        elif fields.get("youtube_id") is not None and (fields.get("start_time") or fields.get("start_ms")) is not None:
+            start = float(fields["start_time"]) if fields.get("start_time") else int(fields["start_ms"]) / 1000
+            clip = (fields["youtube_id"], start)
+        elif fields.get("youtube_id") is not None and len(clips_of_video.get(fields["youtube_id"], ())) == 1:
+            clip = next(iter(clips_of_video[fields["youtube_id"]]))
+        if clip is None or clip not in clips_of_video.get(clip[0], ()):
+            unmatched.append(path)
+        elif clip in file_of_clip:
+            extra_files += 1  # another file of the same clip (audiocaps-download writes one per caption row)
+        else:
+            file_of_clip[clip] = path
+    captions: dict[tuple, list[str]] = {}
     for row in table:
-        fields = {k: row[k] for k in ("audiocap_id", "youtube_id", "start_time")}
-        stems = [pattern.format(**fields) for pattern in file_patterns]
-        found = next((existing[stem] for stem in stems if stem in existing), None)
-        if found is None:
-            skipped.append({"audio": f"{audio_dir}/{stems[1]}.*", "reason": "missing file"})
+        captions.setdefault((row["youtube_id"], float(row["start_time"])), []).append(row["caption"])
+    found = [(clip, file_of_clip[clip]) for clip in captions if clip in file_of_clip]
+    skipped = [{"audio": f"youtube {clip[0]} from {clip[1]:g} s", "reason": "no file"} for clip in captions
+               if clip not in file_of_clip]  # fmt: skip
+    if not found:
+        examples = ", ".join(os.path.basename(p) for p in files[:5]) or "none"
+        raise ValueError(
+            f"AudioCaps {csv_path}: no file for any of its {len(captions)} clips ({len(table)} rows) under "
+            f"{', '.join(folders)} (searched at any depth: {len(files)} audio files, e.g. {examples}). File names "
+            f"tried, without extension: {', '.join(patterns)}; give the tool's own with --audiocaps_file_pattern."
+        )
+    if extra_files:
+        logger.info(f"audiocaps {os.path.basename(csv_path)}: {extra_files} more file(s) of clips already found (one per "
+                    "caption row, as audiocaps-download writes them) are not used: one file per clip.")  # fmt: skip
+    if unmatched:
+        logger.info(f"audiocaps {os.path.basename(csv_path)}: {len(unmatched)} audio file(s) under the folder are not "
+                    f"clips of this CSV (e.g. {os.path.basename(unmatched[0])}).")  # fmt: skip
+    rows = {column: [] for column in COLUMNS}
+    empty_captions = 0
+    for (youtube_id, start), path in found:
+        usable = _usable_captions(captions[youtube_id, start])
+        if not usable:
+            skipped.append({"audio": path, "reason": "no caption"})
             continue
-        captions_by_file.setdefault(os.path.join(audio_dir, found), []).append(row["caption"])
-    dataset, more = _rows_from_files("audiocaps", "audiocaps", list(captions_by_file.items()))
-    _report_skipped("audiocaps", skipped)
+        empty_captions += len(captions[youtube_id, start]) - len(usable)
+        for caption in usable:
+            rows["audio_path"].append(path)
+            rows["audio_bytes"].append(None)
+            rows["audio_id"].append(f"audiocaps/{youtube_id}_{start:g}")
+            rows["caption"].append(caption)
+            rows["source"].append("audiocaps")
+    _report_skipped(f"audiocaps {os.path.basename(csv_path)}", skipped, empty_captions)
+    return Dataset.from_dict(rows, features=FEATURES), skipped
+
+
+# --- WavCaps --------------------------------------------------------------------------------------------------------
+
+
+def _clip_ids_in(path: str) -> set[str]:
+    """Clip ids of an exclusion list: a CSV with an `id` column (aac-datasets'), or WavCaps' JSON (lists of ids)."""
+    if path.lower().endswith(".json"):
+        with open(path) as handle:
+            value = json.load(handle)
+        values = [v for group in value.values() for v in group] if isinstance(value, dict) else value
+    else:
+        table = _read_csv(path)
+        if table and "id" not in table[0]:
+            raise ValueError(f"{path}: an exclusion list needs an `id` column; found {list(table[0])}.")
+        values = [row["id"] for row in table]
+    return {_wavcaps_stem(str(v)) for v in values}
+
+
+def _wavcaps_stem(clip_id: str) -> str:
+    return os.path.splitext(clip_id)[0] if clip_id.lower().endswith((".wav", ".flac")) else clip_id
+
+
+def load_wavcaps(json_path: str, audio_dirs: str | Sequence[str], exclude: Sequence[str] = ()) -> tuple[Dataset, list[dict]]:
+    """
+    One WavCaps source (`cvssp/WavCaps`): its `json_files/<source>/*_final.json` (`{"num_captions_per_audio": 1,
+    "data": [{"id", "caption", "duration", ...}]}`) and the folder(s) its zip parts were unpacked to, where each clip
+    is `{id}.flac` (AudioSet_SL's ids end in `.wav`, their files in `.flac`) at any depth. `exclude` names lists of
+    clips to leave out (e.g. those overlapping Clotho or AudioCaps evaluation: aac-datasets' CSVs with an `id`
+    column, or WavCaps' blacklist JSON); they are reported as skipped. Long clips are cut when their tokens are cached
+    (`FeatureCache.extract`'s `max_seconds`), never decoded whole.
+    """
+    folders = [audio_dirs] if isinstance(audio_dirs, str) else list(audio_dirs)
+    with open(json_path) as handle:
+        content = json.load(handle)
+    entries = content.get("data") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "id" in e and "caption" in e for e in entries):
+        raise ValueError(f"{json_path}: expected WavCaps' {{\"data\": [{{\"id\", \"caption\", ...}}]}}.")
+    source = os.path.basename(os.path.dirname(os.path.abspath(json_path))) or "wavcaps"
+    excluded = set().union(*(_clip_ids_in(path) for path in exclude)) if exclude else set()
+    files = {os.path.splitext(os.path.basename(p))[0]: p for p in _audio_files_under(folders)}
+    pairs, skipped = [], []
+    for entry in entries:
+        stem = _wavcaps_stem(str(entry["id"]))
+        if stem in excluded:
+            skipped.append({"audio": f"{source}/{entry['id']}", "reason": "in an exclusion list"})
+        elif stem not in files:
+            skipped.append({"audio": f"{source}/{entry['id']}", "reason": "missing file"})
+        else:
+            pairs.append((files[stem], [entry["caption"]]))
+    if not pairs:
+        raise ValueError(f"WavCaps {json_path}: no clip found under {', '.join(folders)} ({len(entries)} listed, "
+                         f"{len(files)} audio files there, {sum(s['reason'] != 'missing file' for s in skipped)} excluded).")  # fmt: skip
+    dataset, more = _rows_from_files(f"wavcaps/{source}", f"wavcaps/{source}", pairs)
+    _report_skipped(f"wavcaps/{source}", skipped)
     return dataset, skipped + more
+
+
+# --- audiofolders and the Hub ---------------------------------------------------------------------------------------
 
 
 def load_audiofolder(directory: str, caption_columns: Sequence[str] | None = None) -> tuple[Dataset, list[dict]]:
@@ -156,69 +347,171 @@ def load_audiofolder(directory: str, caption_columns: Sequence[str] | None = Non
     csv_path = os.path.join(directory, "metadata.csv")
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(f"{directory}: no metadata.csv (columns file_name, caption...).")
-    table = load_dataset("csv", data_files=csv_path, split="train")
+    table = _read_csv(csv_path)
+    columns = list(table[0]) if table else []
     if caption_columns is None:
-        caption_columns = [c for c in table.column_names if c.startswith("caption")]
-    unknown = [c for c in caption_columns if c not in table.column_names]
-    if "file_name" not in table.column_names or not caption_columns or unknown:
+        caption_columns = [c for c in columns if c.startswith("caption")]
+    unknown = [c for c in caption_columns if c not in columns]
+    if "file_name" not in columns or not caption_columns or unknown:
         raise ValueError(
             f"{csv_path}: needs file_name and caption columns {list(caption_columns) or '(caption...)'}; "
-            f"found {table.column_names}."
+            f"found {columns}."
         )
     pairs = [(os.path.join(directory, row["file_name"]), [row[c] for c in caption_columns]) for row in table]
     name = os.path.basename(os.path.normpath(directory))
     return _rows_from_files(name, name, pairs)
 
 
+@dataclass(frozen=True)
+class HubLayout:
+    """How a Hub copy of a dataset holds its clips and captions (`load_hub_dataset`'s defaults for it)."""
+
+    audio_column: str = "audio"
+    caption_columns: tuple[str, ...] = ("caption",)
+    caption_separator: str | None = None  # captions joined into one string by this; split back on it
+    id_columns: tuple[str, ...] = ()  # the columns that name a clip (default: its audio bytes, or path)
+    splits: dict = field(default_factory=dict)  # the names the project uses -> the copy's own
+
+
+# The copies people use, as their cards and mteb's loaders read them. CLAPv2/Clotho and mteb/Clotho join a clip's
+# five captions with "." into `text` (mteb splits them back on "."); their `test` is Clotho's evaluation split.
+_CLOTHO_COPY = HubLayout(caption_columns=("text",), caption_separator=".", id_columns=("index",),
+                         splits={"development": "train", "evaluation": "test"})  # fmt: skip
+HUB_LAYOUTS = {
+    "CLAPv2/Clotho": _CLOTHO_COPY,
+    "mteb/Clotho": _CLOTHO_COPY,
+    "OpenSound/AudioCaps": HubLayout(id_columns=("youtube_id", "start_time"), splits={"val": "validation"}),
+    "AudioLLMs/audiocaps_test": HubLayout(audio_column="context", caption_columns=("answer",)),
+}
+
+
+def _layout_of(dataset_id: str) -> HubLayout:
+    """The `HUB_LAYOUTS` entry of a Hub id, or of a local copy of it (`.../CLAPv2/Clotho`, a Hub cache snapshot)."""
+    if dataset_id in HUB_LAYOUTS:
+        return HUB_LAYOUTS[dataset_id]
+    if os.path.isdir(dataset_id):
+        parts = os.path.abspath(dataset_id).split(os.sep)
+        names = ["/".join(parts[-2:])] + [p[len("datasets--"):].replace("--", "/") for p in parts if p.startswith("datasets--")]
+        for name in names:
+            if name in HUB_LAYOUTS:
+                return HUB_LAYOUTS[name]
+    return HubLayout()
+
+
 def load_hub_dataset(
     dataset_id: str,
     split: str,
-    audio_column: str = "audio",
-    caption_columns: Sequence[str] = ("caption",),
-    id_column: str | None = None,
+    audio_column: str | None = None,
+    caption_columns: Sequence[str] | None = None,
+    id_columns: Sequence[str] | None = None,
+    caption_separator: str | None = None,
+    audio_dir: str | None = None,
+    write: bool = True,
     **load_kwargs,
 ) -> tuple[Dataset, list[dict]]:
     """
-    A captioned audio dataset from the Hub (e.g. `CLAPv2/Clotho`) or any `load_dataset` source. The audio column is
-    read undecoded (`Audio(decode=False)`: a path and/or the encoded bytes) and decoded later by `load_audio`.
-    Clips get their id from `id_column`, else from their path, else from a hash of their bytes.
+    A captioned audio dataset from the Hub (`CLAPv2/Clotho`, `OpenSound/AudioCaps`, ...) or any `load_dataset`
+    source (a local Parquet folder, `"parquet"` with `data_files`, an audiofolder), read as a stream: one row at a
+    time, in bounded memory. The copies in `HUB_LAYOUTS` get their own columns, caption rule and split names unless
+    the arguments say otherwise (`split="evaluation"` reads CLAPv2/Clotho's `test`, said in the log).
+
+    Each clip's encoded audio is written once into `audio_dir` (named by its bytes: one file for every caption row
+    that repeats them) and the rows hold its path, so no table holds audio. With `write` unset (the other processes
+    of a launch), the rows the writing process listed there are read back instead of the dataset. Without
+    `audio_dir`, rows keep the bytes (small datasets only). A clip is named by `id_columns`, else by its bytes, else
+    by its path; a caption column holding lists, or one string with `caption_separator` between captions, gives a
+    clip several captions.
     """
     from datasets import Audio
 
-    table = load_dataset(dataset_id, split=split, **load_kwargs)
-    missing = [c for c in (audio_column, *caption_columns) if c not in table.column_names]
+    layout = _layout_of(dataset_id)
+    audio_column = audio_column or layout.audio_column
+    caption_columns = tuple(caption_columns or layout.caption_columns)
+    id_columns = tuple(id_columns or layout.id_columns)
+    caption_separator = caption_separator if caption_separator is not None else layout.caption_separator
+    copy_split = layout.splits.get(split, split)
+    if copy_split != split:
+        logger.warning(f"{dataset_id}: the split {split!r} is the copy's {copy_split!r}.")
+    folder = None
+    if audio_dir is not None:
+        folder = os.path.join(audio_dir, re.sub(r"[^\w.-]+", "-", f"{dataset_id}-{copy_split}").strip("-."))
+        listing = os.path.join(folder, "rows.jsonl")
+        if not write:
+            if not os.path.isfile(listing):
+                raise FileNotFoundError(f"{listing}: the process that writes {dataset_id}'s audio has not listed it.")
+            return _listed_rows(listing)
+    try:
+        table = load_dataset(dataset_id, split=copy_split, streaming=True, **load_kwargs)
+    except RuntimeError as error:
+        if "scripts are no longer supported" in str(error):
+            raise ValueError(f"{dataset_id} is a dataset loading script, which datasets 4 and newer do not run: use a "
+                             "copy in Parquet (e.g. its refs/convert/parquet branch) or an audiofolder.") from None  # fmt: skip
+        raise
+    columns = table.column_names or list(table.features or {})
+    missing = [c for c in (audio_column, *caption_columns, *id_columns) if columns and c not in columns]
     if missing:
-        raise ValueError(f"{dataset_id}: no column(s) {missing}; the columns are {table.column_names}.")
-    if isinstance(table.features[audio_column], Audio):
+        raise ValueError(f"{dataset_id}: no column(s) {missing}; the columns are {columns}.")
+    if table.features is not None and isinstance(table.features.get(audio_column), Audio):
         table = table.cast_column(audio_column, Audio(decode=False))
+    table = table.select_columns([audio_column, *dict.fromkeys((*caption_columns, *id_columns))])
     rows = {column: [] for column in COLUMNS}
-    skipped, empty_captions = [], 0
+    skipped, empty_captions, counts = [], 0, {}
     for index, row in enumerate(table):
         audio = row[audio_column]
-        path, data = (audio.get("path") or "", audio.get("bytes")) if isinstance(audio, dict) else (str(audio), None)
+        path, data = (audio.get("path") or "", audio.get("bytes")) if isinstance(audio, dict) else (str(audio or ""), None)
         if data is None and not os.path.isfile(path):
             skipped.append({"audio": path or f"row {index}", "reason": "missing file"})
             continue
-        if id_column is not None:
-            key = str(row[id_column])
+        if id_columns:
+            key = "_".join(str(row[c]) for c in id_columns)
         elif data is not None:
             key = hashlib.sha1(data).hexdigest()[:16]
         else:
             key = path
-        captions = row[caption_columns[0]] if len(caption_columns) == 1 else [row[c] for c in caption_columns]
-        captions = captions if isinstance(captions, list) else [captions]
+        captions = []
+        for column in caption_columns:
+            value = row[column]
+            value = value if isinstance(value, list) else [value]
+            if caption_separator is not None:
+                value = [part.strip() for v in value if isinstance(v, str) for part in v.split(caption_separator)]
+            captions += value
         usable = _usable_captions(captions)
         if not usable:
             skipped.append({"audio": path or f"row {index}", "reason": "no caption"})
             continue
-        empty_captions += len(captions) - len(usable)
+        empty_captions += len(captions) - len(usable) if caption_separator is None else 0
+        counts[len(usable)] = counts.get(len(usable), 0) + 1
+        if data is not None and folder is not None:
+            path, data = audio_file_for(data, folder, path or f"{key}.audio"), None
         for caption in usable:
             rows["audio_path"].append(path if data is None else "")
             rows["audio_bytes"].append(data)
-            rows["audio_id"].append(f"{dataset_id}/{split}/{key}")
+            rows["audio_id"].append(f"{dataset_id}/{copy_split}/{key}")
             rows["caption"].append(caption)
             rows["source"].append(dataset_id)
     _report_skipped(dataset_id, skipped, empty_captions)
+    if caption_separator is not None:
+        logger.warning(f"{dataset_id}: captions split on {caption_separator!r}; clips by number of captions: "
+                       + ", ".join(f"{n}: {c}" for n, c in sorted(counts.items())))  # fmt: skip
+    dataset = Dataset.from_dict(rows, features=FEATURES)
+    if folder is not None:  # the listing the other processes read
+        os.makedirs(folder, exist_ok=True)
+        dataset.to_json(listing + ".partial", lines=True)
+        os.replace(listing + ".partial", listing)
+        with open(os.path.join(folder, "skipped.json"), "w") as handle:
+            json.dump(skipped, handle)
+    return dataset, skipped
+
+
+def _listed_rows(listing: str) -> tuple[Dataset, list[dict]]:
+    rows = {column: [] for column in COLUMNS}
+    with open(listing) as handle:
+        for line in handle:
+            row = json.loads(line)
+            for column in COLUMNS:
+                rows[column].append(row[column])
+    with open(os.path.join(os.path.dirname(listing), "skipped.json")) as handle:
+        skipped = json.load(handle)
     return Dataset.from_dict(rows, features=FEATURES), skipped
 
 
@@ -265,12 +558,17 @@ def combine(parts: Sequence[tuple[Dataset, list[dict]]]) -> tuple[Dataset, list[
 
 
 __all__ = [
+    "AUDIOCAPS_FILE_PATTERNS",
+    "HUB_LAYOUTS",
+    "HubLayout",
     "clean_caption",
+    "clotho_layout",
     "combine",
     "load_audiocaps",
     "load_audiofolder",
     "load_clotho",
     "load_hub_dataset",
+    "load_wavcaps",
     "split_by_clip",
     "with_cache_keys",
 ]

@@ -76,6 +76,20 @@ def clip_key(audio_path: str | None, audio_bytes: bytes | None = None) -> str:
     return "f:" + hashlib.blake2b(signature.encode(), digest_size=16).hexdigest()
 
 
+def audio_file_for(data: bytes, folder: str, name: str | None = None, write: bool = True) -> str:
+    """
+    The file in `folder` that holds the encoded audio `data`, named by the hash of its bytes and `name`'s base name;
+    written (atomically) unless it exists: named by its bytes, an existing file holds them already. With `write`
+    unset only the name is computed.
+    """
+    digest = hashlib.blake2b(data, digest_size=8).hexdigest()
+    target = os.path.join(folder, f"{digest}-{os.path.basename(name or '') or 'audio'}")
+    if write and not os.path.exists(target):
+        os.makedirs(folder, exist_ok=True)
+        write_atomically(target, data)
+    return target
+
+
 def write_atomically(path: str, data: bytes):
     """Replace `path` by `data` whole or not at all: written to `path.partial`, fsynced, then renamed."""
     try:
@@ -396,4 +410,4 @@ def build_cache(
 
 
 
-__all__ = ["FeatureCache", "build_cache", "clip_key", "model_fingerprint", "weights_fingerprint", "write_atomically"]
+__all__ = ["FeatureCache", "audio_file_for", "build_cache", "clip_key", "model_fingerprint", "weights_fingerprint", "write_atomically"]

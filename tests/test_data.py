@@ -70,10 +70,10 @@ def test_clotho_official_layout(clotho):
 
 def test_audiocaps_official_layout(tmp_path):
     audio = tmp_path / "audio"
-    write_wav(str(audio / "abc123_30.wav"), seed=1)  # {youtube_id}_{start_time}
+    write_wav(str(audio / "abc123def45_30.wav"), seed=1)  # {youtube_id}_{start_time}
     write_wav(str(audio / "91.flac"), seed=2)  # {audiocap_id}
-    rows = [[1, "abc123", 30, "a dog barks"], [2, "abc123", 30, "dogs bark outside"],
-            [91, "zzz", 0, "rain falls"], [5, "gone", 10, "a video that was deleted"]]  # fmt: skip
+    rows = [[1, "abc123def45", 30, "a dog barks"], [2, "abc123def45", 30, "dogs bark outside"],
+            [91, "zzzzzzzzzzz", 0, "rain falls"], [5, "goneeeeeeee", 10, "a video that was deleted"]]  # fmt: skip
     write_csv(tmp_path / "train.csv", ["audiocap_id", "youtube_id", "start_time", "caption"], rows)
     dataset, skipped = load_audiocaps(str(tmp_path / "train.csv"), str(audio))
     assert sorted(dataset["caption"]) == ["a dog barks", "dogs bark outside", "rain falls"]
