@@ -440,13 +440,7 @@ def load_hub_dataset(
             if not os.path.isfile(listing):
                 raise FileNotFoundError(f"{listing}: the process that writes {dataset_id}'s audio has not listed it.")
             return _listed_rows(listing)
-    try:
-        table = load_dataset(dataset_id, split=copy_split, streaming=True, **load_kwargs)
-    except RuntimeError as error:
-        if "scripts are no longer supported" in str(error):
-            raise ValueError(f"{dataset_id} is a dataset loading script, which datasets 4 and newer do not run: use a "
-                             "copy in Parquet (e.g. its refs/convert/parquet branch) or an audiofolder.") from None  # fmt: skip
-        raise
+    table = _stream(dataset_id, copy_split, load_kwargs)
     columns = table.column_names or list(table.features or {})
     missing = [c for c in (audio_column, *caption_columns, *id_columns) if columns and c not in columns]
     if missing:
@@ -503,6 +497,29 @@ def load_hub_dataset(
     return dataset, skipped
 
 
+def _stream(dataset_id: str, split: str, load_kwargs: dict):
+    """
+    `load_dataset(..., streaming=True)`. Parquet sources (the Hub's) are read 16 rows at a time without pre-buffering
+    (the Parquet builder's `batch_size` and `fragment_scan_options`): with its defaults, a row group of audio at a time
+    and the buffers it keeps grow the process by most of the file (measured in benchmarks/hub_data_memory.py).
+    """
+    import pyarrow.dataset
+
+    parquet = {"batch_size": 16, "fragment_scan_options": pyarrow.dataset.ParquetFragmentScanOptions(pre_buffer=False)}
+    try:
+        try:
+            return load_dataset(dataset_id, split=split, streaming=True, **parquet, **load_kwargs)
+        except TypeError as error:  # another builder (audiofolder, csv, json): no such options
+            if "unexpected keyword argument" not in str(error):
+                raise
+            return load_dataset(dataset_id, split=split, streaming=True, **load_kwargs)
+    except RuntimeError as error:
+        if "scripts are no longer supported" in str(error):
+            raise ValueError(f"{dataset_id} is a dataset loading script, which datasets 4 and newer do not run: use a "
+                             "copy in Parquet (e.g. its refs/convert/parquet branch) or an audiofolder.") from None  # fmt: skip
+        raise
+
+
 def _listed_rows(listing: str) -> tuple[Dataset, list[dict]]:
     rows = {column: [] for column in COLUMNS}
     with open(listing) as handle:
@@ -513,6 +530,39 @@ def _listed_rows(listing: str) -> tuple[Dataset, list[dict]]:
     with open(os.path.join(os.path.dirname(listing), "skipped.json")) as handle:
         skipped = json.load(handle)
     return Dataset.from_dict(rows, features=FEATURES), skipped
+
+
+def add_hub_arguments(group, split: str):
+    """The options of `--hub_dataset` (train.py, evaluate_retrieval.py): None defers to the copy's `HUB_LAYOUTS`."""
+    group.add_argument("--hub_dataset", nargs="+", default=[],
+                       help="Hub dataset ids or load_dataset sources (local Parquet folders, 'parquet' with "
+                            f"--hub_data_files) of captioned audio; known copies: {', '.join(HUB_LAYOUTS)}.")  # fmt: skip
+    group.add_argument("--hub_split", nargs="+", default=[split],
+                       help=f"Split of each --hub_dataset (one for all, or one each; default {split}; Clotho's names "
+                            "map to a copy's own, e.g. evaluation -> test).")  # fmt: skip
+    group.add_argument("--hub_audio_column", help="Audio column (default: the copy's, else 'audio').")
+    group.add_argument("--hub_caption_columns", nargs="+", help="Caption column(s) (default: the copy's, else 'caption').")
+    group.add_argument("--hub_id_columns", nargs="+",
+                       help="Column(s) that name a clip, e.g. youtube_id start_time (default: the copy's, else the audio's bytes).")
+    group.add_argument("--hub_caption_separator",
+                       help="Captions joined in one string with this between them, split back (CLAPv2/Clotho: '.').")
+    group.add_argument("--hub_config", help="load_dataset's configuration name.")
+    group.add_argument("--hub_data_files", nargs="+", help="load_dataset's data_files.")
+    group.add_argument("--hub_field", help="load_dataset's field (JSON files whose rows are under one key).")
+
+
+def load_hub_datasets(args, audio_dir: str, write: bool = True) -> list[tuple[Dataset, list[dict]]]:
+    """Every `--hub_dataset` of `args` (`add_hub_arguments`), its audio written once into `audio_dir`."""
+    if len(args.hub_split) not in (1, len(args.hub_dataset)):
+        raise ValueError(f"--hub_split: give one split, or one for each of the {len(args.hub_dataset)} --hub_dataset.")
+    splits = args.hub_split * len(args.hub_dataset) if len(args.hub_split) == 1 else args.hub_split
+    options = {name: value for name, value in (("name", args.hub_config), ("data_files", args.hub_data_files),
+                                               ("field", args.hub_field)) if value is not None}  # fmt: skip
+    return [
+        load_hub_dataset(dataset_id, split, args.hub_audio_column, args.hub_caption_columns, args.hub_id_columns,
+                         args.hub_caption_separator, audio_dir, write, **options)  # fmt: skip
+        for dataset_id, split in zip(args.hub_dataset, splits)
+    ]
 
 
 def split_by_clip(dataset: Dataset, num_validation: int = 1000, seed: int = 0) -> DatasetDict:
@@ -561,6 +611,7 @@ __all__ = [
     "AUDIOCAPS_FILE_PATTERNS",
     "HUB_LAYOUTS",
     "HubLayout",
+    "add_hub_arguments",
     "clean_caption",
     "clotho_layout",
     "combine",
@@ -568,6 +619,7 @@ __all__ = [
     "load_audiofolder",
     "load_clotho",
     "load_hub_dataset",
+    "load_hub_datasets",
     "load_wavcaps",
     "split_by_clip",
     "with_cache_keys",

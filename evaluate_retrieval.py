@@ -28,7 +28,7 @@ import time
 import torch
 
 from audio_library import load_model
-from audio_text_data import load_audiofolder, load_clotho, load_hub_dataset, with_cache_keys
+from audio_text_data import add_hub_arguments, load_audiofolder, load_clotho, load_hub_datasets, with_cache_keys
 from captioning import attribute_accuracy, bleu4, caption_token_arrays, shuffled_chance
 from feature_cache import build_cache
 from ranking_metrics import chance_metrics
@@ -51,10 +51,9 @@ def parse_args(argv=None):
     source.add_argument("--clotho_root", help="Clotho v2.1 in its official layout.")
     source.add_argument("--clotho_split", default="evaluation")
     source.add_argument("--audiofolder", help="A folder of audio with metadata.csv (file_name, caption columns).")
-    source.add_argument("--hub_dataset", help="A Hub dataset id (audio column + caption columns).")
-    source.add_argument("--hub_split", default="test")
-    source.add_argument("--hub_audio_column", default="audio")
-    source.add_argument("--hub_caption_columns", nargs="+", default=["caption"])
+    add_hub_arguments(source, split="test")
+    source.add_argument("--audio_cache_dir", default="cache/audio",
+                        help="Where a --hub_dataset's audio is written, once per clip.")
     parser.add_argument("--relevance_column",
                         help="With --audiofolder: a metadata.csv column whose equal values mark clips that fit each "
                              "other's captions (the synthetic set's 'attributes'), for the multi-relevant mAP@16.")
@@ -84,8 +83,10 @@ def load_evaluation_set(args):
         return ("clotho_" + args.clotho_split,) + load_clotho(args.clotho_root, args.clotho_split)
     if args.audiofolder:
         return (os.path.basename(os.path.normpath(args.audiofolder)),) + load_audiofolder(args.audiofolder)
-    dataset, skipped = load_hub_dataset(args.hub_dataset, args.hub_split, args.hub_audio_column, args.hub_caption_columns)
-    return (args.hub_dataset,) + (dataset, skipped)
+    if len(args.hub_dataset) != 1:
+        raise ValueError("Evaluate on one --hub_dataset at a time.")
+    dataset, skipped = load_hub_datasets(args, args.audio_cache_dir)[0]
+    return (args.hub_dataset[0],) + (dataset, skipped)
 
 
 def relevant_clips(rows, groups: dict[str, str] | None = None) -> list[list[str]]:

@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertTokenizer, get_scheduler
 
 from audio_text_data import (
+    add_hub_arguments,
     combine,
     load_audiocaps,
     load_audiofolder,
     load_clotho,
-    load_hub_dataset,
+    load_hub_datasets,
+    load_wavcaps,
     split_by_clip,
     with_cache_keys,
 )
@@ -73,11 +75,23 @@ def parse_args(argv=None):
     data.add_argument("--clotho_eval_split", default="evaluation",
                       help="Clotho split used as an extra validation set ('' for none).")
     data.add_argument("--audiocaps_csv", nargs="*", default=[], help="AudioCaps CSV files (train.csv, val.csv).")
-    data.add_argument("--audiocaps_audio_dir", help="Folder of the downloaded AudioCaps clips.")
-    data.add_argument("--hub_dataset", help="A Hub dataset id (or load_dataset source) of captioned audio.")
-    data.add_argument("--hub_split", default="train", help="Split of --hub_dataset.")
-    data.add_argument("--hub_audio_column", default="audio", help="Audio column of --hub_dataset.")
-    data.add_argument("--hub_caption_columns", nargs="+", default=["caption"], help="Caption column(s) of --hub_dataset.")
+    data.add_argument("--audiocaps_audio_dir", nargs="+", default=[],
+                      help="Folder of the downloaded AudioCaps clips, searched at any depth: one for every CSV (their "
+                           "parent), or one per CSV.")  # fmt: skip
+    data.add_argument("--audiocaps_file_pattern", nargs="+", default=[],
+                      help="How your download tool names a clip's file, without extension, e.g. "
+                           "'{youtube_id}_{start_time}' (fields: {youtube_id} {start_time} {end_time} {start_ms} "
+                           "{end_ms} {audiocap_id}); tried before the known tools' names.")  # fmt: skip
+    data.add_argument("--wavcaps_json", nargs="*", default=[],
+                      help="WavCaps json_files/<source>/*_final.json files to train on.")
+    data.add_argument("--wavcaps_audio_dir", nargs="+", default=[],
+                      help="Where the WavCaps zips were unpacked (searched at any depth): one folder, or one per JSON.")
+    data.add_argument("--wavcaps_exclude", nargs="*", default=[],
+                      help="Lists of WavCaps clips to leave out (CSV with an `id` column, or WavCaps' blacklist JSON), "
+                           "e.g. those overlapping Clotho and AudioCaps evaluation.")  # fmt: skip
+    add_hub_arguments(data, split="train")
+    data.add_argument("--audio_cache_dir", default="cache/audio",
+                      help="Where the audio of Hub datasets is written, once per clip (the tables hold paths).")
     data.add_argument("--train_dir", nargs="*", default=[], help="audiofolder directories (metadata.csv) to train on.")
     data.add_argument("--validation_dir", nargs="*", default=[],
                       help="audiofolder validation sets; without them, --num_validation examples are drawn from the training data.")
@@ -140,10 +154,14 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if not (args.clotho_root or args.audiocaps_csv or args.hub_dataset or args.train_dir):
-        raise ValueError("No training data: give --clotho_root, --audiocaps_csv, --hub_dataset and/or --train_dir.")
-    if args.audiocaps_csv and not args.audiocaps_audio_dir:
-        raise ValueError("--audiocaps_csv needs --audiocaps_audio_dir (the folder of downloaded clips).")
+    if not (args.clotho_root or args.audiocaps_csv or args.hub_dataset or args.train_dir or args.wavcaps_json):
+        raise ValueError("No training data: give --clotho_root, --audiocaps_csv, --hub_dataset, --wavcaps_json and/or "
+                         "--train_dir.")  # fmt: skip
+    for files, folders, name in ((args.audiocaps_csv, args.audiocaps_audio_dir, "audiocaps"),
+                                 (args.wavcaps_json, args.wavcaps_audio_dir, "wavcaps")):  # fmt: skip
+        if files and len(folders) not in (1, len(files)):
+            raise ValueError(f"--{name}_audio_dir: give one folder (searched at any depth) or one per file of "
+                             f"--{name}_{'csv' if name == 'audiocaps' else 'json'}; got {len(folders)} for {len(files)}.")  # fmt: skip
     if args.max_audio_tokens % 8:
         raise ValueError(f"--max_audio_tokens must be a multiple of 8 (one 160 ms time patch); got {args.max_audio_tokens}.")
     if args.learning_rate <= 0 or args.max_train_steps <= 0:
@@ -164,15 +182,23 @@ logging.getLogger("accelerate.utils.other").addFilter(_DropTiedWeightNotice())
 # --- data ----------------------------------------------------------------------------------------------------------
 
 
-def load_data(args):
-    """The training pool, the validation sets ({name: Dataset}) and every skipped clip."""
+def _folder_for(folders: list[str], index: int) -> str:
+    return folders[0] if len(folders) == 1 else folders[index]
+
+
+def load_data(args, write: bool = True):
+    """
+    The training pool, the validation sets ({name: Dataset}) and every skipped clip. `write` is set in the process
+    that writes Hub datasets' audio to disk (the main one); the others read what it listed.
+    """
     parts, evaluation, skipped = [], {}, []
     if args.clotho_root:
         parts += [load_clotho(args.clotho_root, split) for split in args.clotho_train_splits]
-    if args.audiocaps_csv:
-        parts += [load_audiocaps(path, args.audiocaps_audio_dir) for path in args.audiocaps_csv]
-    if args.hub_dataset:
-        parts.append(load_hub_dataset(args.hub_dataset, args.hub_split, args.hub_audio_column, args.hub_caption_columns))
+    for i, path in enumerate(args.audiocaps_csv):
+        parts.append(load_audiocaps(path, _folder_for(args.audiocaps_audio_dir, i), args.audiocaps_file_pattern))
+    for i, path in enumerate(args.wavcaps_json):
+        parts.append(load_wavcaps(path, _folder_for(args.wavcaps_audio_dir, i), args.wavcaps_exclude))
+    parts += load_hub_datasets(args, args.audio_cache_dir, write)
     parts += [load_audiofolder(directory) for directory in args.train_dir]
     pool, skipped = combine(parts)
     if args.validation_dir:
@@ -348,7 +374,7 @@ def main(argv=None):
 
     # Data, then BEATs tokens for every clip (computed once, shared between processes)
     with accelerator.main_process_first():
-        train_rows, evaluation, skipped = load_data(args)
+        train_rows, evaluation, skipped = load_data(args, write=accelerator.is_main_process)
         train_rows = with_cache_keys(train_rows)
         evaluation = {name: with_cache_keys(rows) for name, rows in evaluation.items()}
     clips = [
@@ -523,7 +549,8 @@ def main(argv=None):
             json.dump(results, handle, indent=2)
         model_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         sources = [s for s, on in (("Clotho", args.clotho_root), ("AudioCaps", args.audiocaps_csv),
-                                   (args.hub_dataset, args.hub_dataset), ("audiofolder data", args.train_dir)) if on]  # fmt: skip
+                                   ("WavCaps", args.wavcaps_json), ("audiofolder data", args.train_dir)) if on]
+        sources[1:1] = args.hub_dataset  # fmt: skip
         training = {"preset": args.preset, "sources": sources, "steps": completed_steps,
                     "learning_rate": args.learning_rate, "total_batch_size": args.total_batch_size}  # fmt: skip
         write_model_card(args.output_dir, model_id, (best or {}).get("all", {}), training, args.push_space)
