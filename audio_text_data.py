@@ -593,6 +593,19 @@ def split_by_clip(dataset: Dataset, num_validation: int = 1000, seed: int = 0) -
     )
 
 
+def split_holding_out(dataset: Dataset, clip_ids: set[str], source: str) -> DatasetDict:
+    """
+    `split_by_clip` with the validation clips given: the rows of `clip_ids` (the clips an earlier stage held out,
+    `source` names where they were read) are the validation set, the rest train.
+    """
+    is_validation = np.array([audio_id in clip_ids for audio_id in dataset["audio_id"]])
+    if not is_validation.any():
+        raise ValueError(f"None of the {len(clip_ids)} clips held out in {source} is in this training data: it cannot "
+                         "hold them out again (give --validation_dir, or draw new ones with --num_validation).")  # fmt: skip
+    indices = np.arange(len(dataset))
+    return DatasetDict(train=dataset.select(indices[~is_validation]), validation=dataset.select(indices[is_validation]))
+
+
 def with_cache_keys(dataset):
     """A loaded dataset with each clip's cache `key` (see `clip_key`) and its caption cleaned (`clean_caption`)."""
     return dataset.map(
@@ -622,5 +635,6 @@ __all__ = [
     "load_hub_datasets",
     "load_wavcaps",
     "split_by_clip",
+    "split_holding_out",
     "with_cache_keys",
 ]

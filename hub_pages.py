@@ -193,6 +193,19 @@ def write_model_card(folder: str, model_id: str, results=None, training=None, sp
     return path
 
 
+def add_to_model_card(folder: str, heading: str, text: str) -> str:
+    """Add the section `## heading` (or replace it) at the end of `folder/README.md`; returns its path."""
+    from huggingface_hub import ModelCard
+
+    path = os.path.join(folder, "README.md")
+    card = ModelCard.load(path)
+    marker = f"\n## {heading}\n"
+    body = card.text.split(marker)[0].rstrip("\n")
+    card.text = f"{body}\n{marker}\n{text}\n"
+    card.save(path)
+    return path
+
+
 # --- the Space -------------------------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from audio_text_data import (
     load_hub_datasets,
     load_wavcaps,
     split_by_clip,
+    split_holding_out,
     with_cache_keys,
 )
 from configuration_audio_qformer import BeatsConfig
@@ -96,6 +97,10 @@ def parse_args(argv=None):
     data.add_argument("--validation_dir", nargs="*", default=[],
                       help="audiofolder validation sets; without them, --num_validation examples are drawn from the training data.")
     data.add_argument("--num_validation", type=int, default=1000, help="Validation examples drawn from the pooled data.")
+    data.add_argument("--validation_clips",
+                      help="A validation_clips.json (which train.py writes beside every model) whose clips are held out "
+                           "again instead of drawing new ones; default: --init_from's, so stage 2 validates on clips "
+                           "stage 1 never trained on.")  # fmt: skip
     data.add_argument("--split_seed", type=int, default=0, help="Seed of the validation draw.")
     data.add_argument("--feature_cache_dir", default="cache/features", help="Where BEATs tokens are cached.")
     data.add_argument("--extract_batch_size", type=int, default=8, help="Clips per BEATs batch when caching.")
@@ -208,7 +213,15 @@ def load_data(args, write: bool = True):
             evaluation[os.path.basename(os.path.normpath(directory))] = dataset
             skipped += more
     else:
-        split = split_by_clip(pool, args.num_validation, args.split_seed)
+        held_out = args.validation_clips or (args.init_from and os.path.join(args.init_from, VALIDATION_CLIPS))
+        if held_out and os.path.isfile(held_out):
+            with open(held_out) as handle:
+                split = split_holding_out(pool, set(json.load(handle)["clips"]), held_out)
+            logger.info(f"Validation: the {len(set(split['validation']['audio_id']))} clips of {held_out} in this data.")
+        elif args.validation_clips:
+            raise FileNotFoundError(f"--validation_clips {args.validation_clips}: no such file.")
+        else:
+            split = split_by_clip(pool, args.num_validation, args.split_seed)
         train, evaluation["validation"] = split["train"], split["validation"]
     if args.clotho_root and args.clotho_eval_split:
         evaluation["clotho_" + args.clotho_eval_split], more = load_clotho(args.clotho_root, args.clotho_eval_split)
@@ -319,6 +332,8 @@ def evaluate_sets(model, processor, evaluation, cache, batch_size: int) -> dict:
 
 
 # What --push_to_hub leaves out of the output folder: checkpoints for resuming, the log, the Space's own folder.
+# The clips held out for validation, saved beside the model: the next stage holds out the same (`--validation_clips`).
+VALIDATION_CLIPS = "validation_clips.json"
 MODEL_UPLOAD_IGNORE = ["step_*", "step_*/**", "train_log.jsonl", "space/**"]
 
 
@@ -377,6 +392,9 @@ def main(argv=None):
         train_rows, evaluation, skipped = load_data(args, write=accelerator.is_main_process)
         train_rows = with_cache_keys(train_rows)
         evaluation = {name: with_cache_keys(rows) for name, rows in evaluation.items()}
+    if accelerator.is_main_process and not args.validation_dir:
+        with open(os.path.join(args.output_dir, VALIDATION_CLIPS), "w") as handle:
+            json.dump({"clips": sorted(set(evaluation["validation"]["audio_id"]))}, handle, indent=0)
     clips = [
         {"key": row["key"], "audio_path": row["audio_path"], "audio_bytes": row["audio_bytes"]}
         for rows in (train_rows, *evaluation.values()) for row in rows.select_columns(["key", "audio_path", "audio_bytes"])

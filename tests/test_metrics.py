@@ -265,3 +265,17 @@ def test_pad_tokens_takes_arrays_and_tensors_alike():
     from_tensors, tensor_mask = pad_tokens([torch.from_numpy(a) for a in ragged], length=4)
     assert torch.equal(from_tensors[:, :3], expected) and not from_tensors[:, 3].any()
     assert tensor_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_sets_under_ten_clips_score_by_hand(metric):
+    from evaluate_retrieval import cutoff_metrics
+
+    # Four clips: ranks 1, 2, 4 and 3. R@5 and R@10 hold every clip; mAP@10 is the mean reciprocal rank.
+    clips = ["a", "b", "c", "d"]
+    rankings = [["a", "b", "c", "d"], ["a", "b", "c", "d"], ["a", "b", "d", "c"], ["b", "a", "c", "d"]]
+    got = cutoff_metrics(metric, rankings, ["a", "b", "c", "c"], len(clips))
+    assert got == pytest.approx({"R@1": 0.25, "R@5": 1.0, "R@10": 1.0, "mAP@10": (1 + 1 / 2 + 1 / 4 + 1 / 3) / 4})
+    # With ten clips or more it is the metric's own default.
+    many = [f"clip{i}" for i in range(12)]
+    rankings = [many[i:] + many[:i] for i in range(12)]
+    assert cutoff_metrics(metric, rankings, many, 12) == pytest.approx(metric.compute(predictions=rankings, references=many))
