@@ -453,6 +453,8 @@ def load_hub_dataset(
     for index, row in enumerate(table):
         audio = row[audio_column]
         path, data = (audio.get("path") or "", audio.get("bytes")) if isinstance(audio, dict) else (str(audio or ""), None)
+        if data is None and "://" in path and folder is not None:  # a file of a Hub repository (an audiofolder's)
+            data = _remote_bytes(path)
         if data is None and not os.path.isfile(path):
             skipped.append({"audio": path or f"row {index}", "reason": "missing file"})
             continue
@@ -495,6 +497,17 @@ def load_hub_dataset(
         with open(os.path.join(folder, "skipped.json"), "w") as handle:
             json.dump(skipped, handle)
     return dataset, skipped
+
+
+def _remote_bytes(url: str) -> bytes | None:
+    """The bytes of a file a streamed dataset names by URL (`hf://...`), read with `datasets`' own opener."""
+    from datasets.utils.file_utils import xopen
+
+    try:
+        with xopen(url, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
 
 
 def _stream(dataset_id: str, split: str, load_kwargs: dict):

@@ -227,3 +227,11 @@ def test_wavcaps_json_and_exclusion_lists(tmp_path):
     audioset, skipped = load_wavcaps(str(root / "json_files" / "AudioSet_SL" / "audioset_sl_final.json"), str(root / "Audio"), exclude)
     assert audioset["caption"] == ["Music plays."] and audioset["audio_path"][0].endswith("AudioSet_SL_flac/Yb0RFKhbpFJA.flac")
     assert skipped == [{"audio": "AudioSet_SL/Yr1nicOVtvkQ.wav", "reason": "in an exclusion list"}]
+
+
+def test_loading_script_copies_are_refused_in_one_line(tmp_path):
+    script_copy = tmp_path / "audiocaps"
+    script_copy.mkdir()
+    (script_copy / "audiocaps.py").write_text("import datasets\n")  # as confit/audiocaps holds it
+    with pytest.raises(ValueError, match="is a dataset loading script, which datasets 4 and newer do not run"):
+        load_hub_dataset(str(script_copy), "train")
