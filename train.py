@@ -1,9 +1,13 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
 """Train the audio Q-Former with Accelerate (ATC + ATM + ATG on cached BEATs tokens).
 
-    accelerate launch train.py --preset stage1 --clotho_root clotho --audiocaps_csv train.csv val.csv \
-        --audiocaps_audio_dir audiocaps/audio --beats_checkpoint BEATs_iter3_plus_AS2M.pt --bert bert-base-uncased
-    accelerate launch train.py --preset stage2 --clotho_root clotho --init_from outputs/stage1 --output_dir outputs/stage2
+    accelerate launch --multi_gpu --num_processes 4 train.py --preset stage1 --clotho_root clotho \
+        --audiocaps_csv train.csv val.csv --audiocaps_audio_dir audiocaps/audio \
+        --beats_checkpoint BEATs_iter3_plus_AS2M.pt --bert bert-base-uncased --output_dir outputs/stage1
+    accelerate launch --multi_gpu --num_processes 4 train.py --preset stage2 --clotho_root clotho \
+        --init_from outputs/stage1 --output_dir outputs/stage2
+
+(`reproduce_report.py` runs both stages and their evaluations: the report's Table 1 in one command.)
     python train.py --preset demo --train_dir data/synthetic/train --validation_dir data/synthetic/validation
 
 The shape follows transformers' `run_*_no_trainer.py` examples: Accelerator, logging, seed, data, model, dataloaders,
