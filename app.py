@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from audio_io import AudioLoadError, load_audio  # noqa: E402
-from audio_library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
+from audio_qformer.library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -87,7 +87,7 @@ class SoundSearchApp:
 
     def describe(self, audio_path: str | None) -> list[dict]:
         """The model's caption of a clip: `[{"start_seconds", "caption"}]`, one part per window beyond 30 s."""
-        from captioning import caption_parts, caption_waveforms
+        from audio_qformer.captioning import caption_parts, caption_waveforms
 
         parts = caption_parts(self._clip(audio_path), self.library.sampling_rate)
         captions = caption_waveforms(self.library.model, self.library.processor, [samples for _, samples in parts])

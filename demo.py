@@ -75,7 +75,7 @@ def main(argv=None):
     started = time.perf_counter()
 
     sizes = ["--num_train", "24", "--num_validation", "6", "--num_library", "12"] if args.small else []
-    run([python, "synthetic_sounds.py", "--output_dir", data, *sizes], "1. Generate the embedded sound set")
+    run([python, "-m", "audio_qformer.synthetic_sounds", "--output_dir", data, *sizes], "1. Generate the embedded sound set")
 
     train = [
         python, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -114,11 +114,11 @@ def main(argv=None):
 
         print(f"{library} was indexed before the demo stored captions: indexing it again")
         shutil.rmtree(library)
-    run([python, "audio_search.py", "--library", library, "index", os.path.join(data, "library"), "--model", model_dir,
+    run([python, "-m", "audio_qformer.cli", "--library", library, "index", os.path.join(data, "library"), "--model", model_dir,
          "--captions"], "5. Index the library with the CLI (with the model's captions)")  # fmt: skip
     import numpy as np
 
-    from feature_cache import FeatureCache, clip_key
+    from audio_qformer.store import FeatureCache, clip_key
 
     width = len(np.asarray(reloaded["embeds"]).reshape(-1))
     stored = FeatureCache(library, "embeddings", width).get(clip_key(clip)).astype(np.float32)
@@ -127,7 +127,7 @@ def main(argv=None):
           f"one by at most {difference:.1e} (float16 storage)")  # fmt: skip
 
     # The contrastive ranking: after 250 demo steps the matching head does not improve on it yet (see the table).
-    search = run([python, "audio_search.py", "--library", library, "search", *QUERIES, "-k", "3", "--json"],
+    search = run([python, "-m", "audio_qformer.cli", "--library", library, "search", *QUERIES, "-k", "3", "--json"],
                  "6. Search the library by text (top 3 by the contrastive score)", capture=True)  # fmt: skip
     captions = captions_of(os.path.join(data, "library"))
     for line in search.stdout.strip().splitlines():

@@ -108,7 +108,7 @@ def systems_of(evaluations: dict[str, dict]) -> dict[str, dict]:
 
 def main(argv=None):
     from evaluate_retrieval import format_table_1
-    from hub_pages import add_to_model_card
+    from audio_qformer.hub_pages import add_to_model_card
 
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)

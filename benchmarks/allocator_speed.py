@@ -36,7 +36,7 @@ SIDES = ("default", "kept")
 
 def worker(side: str, precisions: list[str], batch_sizes: list[int], repeats: int, threads: int) -> dict:
     """One process's timings: `{"precision/batch": clips per second}`, its peak memory and faults per pass."""
-    import beats_cpu
+    from audio_qformer import beats_cpu
 
     applied = beats_cpu.keep_freed_memory() if side == "kept" else False
     if side == "kept" and not applied:

@@ -55,7 +55,7 @@ def make_sounds(directory: str, count: int, seed: int = 0) -> list[str]:
     """`count` clips of random attributes and lengths, and one caption of each (the queries)."""
     import soundfile
 
-    from synthetic_sounds import SAMPLING_RATE, all_attribute_sets, captions_for, render
+    from audio_qformer.synthetic_sounds import SAMPLING_RATE, all_attribute_sets, captions_for, render
 
     rng = np.random.default_rng(seed)
     sets = all_attribute_sets()

@@ -61,8 +61,8 @@ from bench_utils import (  # noqa: E402
     print_table,
 )
 from compare_beats_official import official_cfg, test_waveforms  # noqa: E402
-import beats_cpu  # noqa: E402
-from beats_cpu import choose_fast_precision, cpu_copy, product_speedup  # noqa: E402
+from audio_qformer import beats_cpu  # noqa: E402
+from audio_qformer.beats_cpu import choose_fast_precision, cpu_copy, product_speedup  # noqa: E402
 from configuration_audio_qformer import BeatsConfig  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel, BeatsModel  # noqa: E402
 from official_beats import (  # noqa: E402

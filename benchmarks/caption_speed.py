@@ -25,7 +25,7 @@ from bench_utils import interleaved_timing, machine_info, median, print_machine,
 from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel  # noqa: E402
 from rerank_speed import CONFIGS  # noqa: E402
-from retrieval import pad_tokens  # noqa: E402
+from audio_qformer.retrieval import pad_tokens  # noqa: E402
 
 
 def whole_sequence_greedy(model, states, mask, max_length: int) -> torch.Tensor:

@@ -35,8 +35,8 @@ from rerank_speed import CONFIGS  # noqa: E402
 
 from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel, max_over_queries  # noqa: E402
-from ranking_metrics import metrics_from_ranks, rank_items, ranks_in  # noqa: E402
-from retrieval import embed_cached_audio, rerank_rankings  # noqa: E402
+from audio_qformer.ranking_metrics import metrics_from_ranks, rank_items, ranks_in  # noqa: E402
+from audio_qformer.retrieval import embed_cached_audio, rerank_rankings  # noqa: E402
 
 
 GOAL_SECONDS_ON_H100 = 60.0

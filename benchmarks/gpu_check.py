@@ -126,7 +126,7 @@ def two_gpu_training(tiny: bool) -> list[list]:
         return [["2-GPU accelerate launch", "", "", f"skipped: {torch.cuda.device_count()} GPU(s)"]]
     with tempfile.TemporaryDirectory() as folder:
         data = os.path.join(folder, "data")
-        subprocess.run([sys.executable, "synthetic_sounds.py", "--output_dir", data, "--num_train", "32",
+        subprocess.run([sys.executable, "-m", "audio_qformer.synthetic_sounds", "--output_dir", data, "--num_train", "32",
                         "--num_validation", "8", "--num_library", "8"], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
         started = time.perf_counter()
         done = subprocess.run([

@@ -29,7 +29,7 @@ CHILD = """
 import json, sys
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {root!r} + "/benchmarks")
-from audio_text_data import load_hub_dataset, with_cache_keys
+from audio_qformer.data import load_hub_dataset, with_cache_keys
 def status(field):  # kB, from the kernel's accounting of this process
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 before = status("VmRSS")

@@ -45,7 +45,7 @@ def main(argv=None):
     parser.add_argument("--keep_freed_memory", action="store_true", help="As `audio-qformer index` runs on the CPU.")
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
-        from beats_cpu import keep_freed_memory
+        from audio_qformer.beats_cpu import keep_freed_memory
 
         if not keep_freed_memory():
             raise SystemExit("--keep_freed_memory: the C allocator here is not glibc's; nothing to keep.")
@@ -54,7 +54,7 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from audio_io import load_audio
-    from audio_library import AudioLibrary
+    from audio_qformer.library import AudioLibrary
     from configuration_audio_qformer import AudioQFormerConfig
     from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor

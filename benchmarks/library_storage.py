@@ -39,7 +39,7 @@ def folder_bytes(path: str) -> int:
 def main(argv=None):
     from transformers import AutoTokenizer
 
-    from audio_library import LIBRARY_CONFIG, AudioLibrary
+    from audio_qformer.library import LIBRARY_CONFIG, AudioLibrary
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_utils import interleaved_timing, machine_info, median, print_machine, print_table  # noqa: E402
 from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel  # noqa: E402
-from retrieval import rerank_with_matching_head  # noqa: E402
+from audio_qformer.retrieval import rerank_with_matching_head  # noqa: E402
 from train import DEMO_BEATS  # noqa: E402
 
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vector_search import (  # noqa: E402
+from audio_qformer.vector_search import (  # noqa: E402
     ApproximateAudioIndex,
     candidate_clips,
     clustered_embeddings,
@@ -187,7 +187,7 @@ def text_encoder(bert: str | None):
     from configuration_audio_qformer import BeatsConfig
     from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
-    from retrieval import tokenize_texts
+    from audio_qformer.retrieval import tokenize_texts
 
     tiny_beats = BeatsConfig(embed_dim=24, encoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
                              encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)  # fmt: skip

@@ -18,7 +18,7 @@ if os.path.join(ROOT, "benchmarks") not in sys.path:
 def allocator_left_alone(monkeypatch):
     """`audio-qformer index` run in the test process leaves glibc's settings alone (they hold for the whole process);
     `test_keep_freed_memory_reuses_large_blocks` tests the real setting in processes of its own."""
-    import beats_cpu
+    from audio_qformer import beats_cpu
 
     monkeypatch.setattr(beats_cpu, "keep_freed_memory", lambda: False)
 

@@ -403,7 +403,7 @@ class Context:
         def build():
             import torch
 
-            from audio_library import AudioLibrary
+            from audio_qformer.library import AudioLibrary
             from conftest import tiny_qformer_config
             from modeling_audio_qformer import AudioQFormerModel
 
@@ -564,13 +564,13 @@ def _companion(directory: str) -> str:
 
 def loader_entry(context: Context, path: str) -> Outcome:
     """`load_audiofolder` on a folder whose metadata.csv lists the input (and a good companion clip)."""
-    from audio_text_data import load_audiofolder
+    from audio_qformer.data import load_audiofolder
 
     directory = os.path.dirname(path)
     _companion(directory)
     _write_metadata(directory, [[os.path.basename(path), "the input"], ["companion clip.wav", "a good clip"]])
     try:
-        with _Warnings("audio_text_data") as warned:
+        with _Warnings("audio_qformer.data") as warned:
             dataset, skipped = load_audiofolder(directory)
     except Exception as error:
         return _error_outcome(error)
@@ -602,13 +602,13 @@ def batch_outcome(
 
 def build_cache_entry(context: Context, path: str) -> Outcome:
     """`build_cache` on the input alone (one shared cache directory, so a good clip is never extracted twice)."""
-    from feature_cache import build_cache, clip_key
+    from audio_qformer.store import build_cache, clip_key
 
     key = clip_key(path)
     clips = [{"key": key, "audio_path": path, "audio_bytes": None}]
     root = os.path.join(context.directory, "feature cache")
     try:
-        with _Warnings("feature_cache", "audio_io") as warned, _Measure() as measure:
+        with _Warnings("audio_qformer.store", "audio_io") as warned, _Measure() as measure:
             cache, failures, _ = build_cache(root, clips, context.beats, context.extractor, show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
         return Outcome("error", f"crashed: {type(error).__name__}", str(error), type(error))
@@ -636,13 +636,13 @@ def _check_tokens(case: AudioCase, outcome: Outcome, context: Context) -> list[s
 
 def cli_index_entry(context: Context, path: str) -> Outcome:
     """`audio-qformer index DIR` (`AudioLibrary.index`) on the input's folder, into one shared library."""
-    from feature_cache import clip_key
+    from audio_qformer.store import clip_key
 
     if not os.path.exists(path):
         return Outcome("n/a", "a folder scan only sees files that exist")
     key = clip_key(path)
     try:
-        with _Warnings("audio_library", "audio_io") as warned, _Measure() as measure:
+        with _Warnings("audio_qformer.library", "audio_io") as warned, _Measure() as measure:
             library = context.library
             report = library.index(os.path.dirname(path), show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
@@ -678,7 +678,7 @@ AUDIO_ENTRY_POINTS: dict[str, EntryPoint] = {
 
 
 def clean_caption_entry(context: Context, text: str) -> Outcome:
-    from audio_text_data import clean_caption
+    from audio_qformer.data import clean_caption
 
     try:
         cleaned = clean_caption(text)
@@ -690,7 +690,7 @@ def clean_caption_entry(context: Context, text: str) -> Outcome:
 
 def caption_loader_entry(context: Context, text: str) -> Outcome:
     """`load_audiofolder` with the caption for one clip (and a normal caption for another)."""
-    from audio_text_data import load_audiofolder
+    from audio_qformer.data import load_audiofolder
 
     directory = os.path.join(context.directory, "captions", hashlib.sha1(text.encode()).hexdigest()[:12])
     os.makedirs(directory, exist_ok=True)
@@ -698,7 +698,7 @@ def caption_loader_entry(context: Context, text: str) -> Outcome:
     _companion(directory)
     _write_metadata(directory, [["input.wav", text], ["companion clip.wav", "a good clip"]])
     try:
-        with _Warnings("audio_text_data") as warned:
+        with _Warnings("audio_qformer.data") as warned:
             dataset, skipped = load_audiofolder(directory)
     except Exception as error:
         return _error_outcome(error)

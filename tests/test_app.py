@@ -139,7 +139,7 @@ def test_endpoints_equal_the_library(client, library, sounds, saved_model):
     assert {c["label"]: c["confidence"] for c in got["confidences"]} == pytest.approx(
         {r["label"]: r["score"] for r in expected}, abs=1e-5)  # fmt: skip
     # Describe: the caption command's captions of the same file (one part within 30 s)
-    from captioning import caption_files
+    from audio_qformer.captioning import caption_files
 
     got = client.predict(handle_file(long_clip), api_name="/describe")
     assert got == caption_files(library.model, library.processor, [long_clip])[0]["captions"]
@@ -184,7 +184,7 @@ def test_library_view_lists_files_and_failures(library):
 def test_model_card_is_truthful(tmp_path):
     from huggingface_hub import ModelCard
 
-    from hub_pages import write_model_card
+    from audio_qformer.hub_pages import write_model_card
 
     results = {"clotho-evaluation": {"mAP@10": 0.2647, "R@1": 0.1602, "R@5": 0.4, "R@10": 0.55}}
     training = {"preset": "stage2", "sources": ["Clotho"], "steps": 10, "learning_rate": 1e-5, "total_batch_size": 256}
@@ -217,12 +217,13 @@ def wait_for_server(url: str, process, seconds=180):
 def test_space_folder_runs_alone(saved_model, sounds, tmp_path):
     from huggingface_hub import SpaceCard
 
-    from hub_pages import write_space_folder
+    from audio_qformer.hub_pages import write_space_folder
 
     space = tmp_path / "space"
     files = write_space_folder(str(space), "you/audio-qformer", sounds=str(sounds), model=saved_model)
-    modules = {"app.py", "audio_io.py", "audio_library.py", "configuration_audio_qformer.py", "modeling_audio_qformer.py",
-               "processing_audio_qformer.py", "feature_cache.py", "retrieval.py", "vector_search.py"}  # fmt: skip
+    modules = {"app.py", "audio_io.py", "audio_qformer/__init__.py", "audio_qformer/library.py", "configuration_audio_qformer.py",
+               "modeling_audio_qformer.py", "processing_audio_qformer.py", "audio_qformer/store.py",
+               "audio_qformer/retrieval.py", "audio_qformer/vector_search.py"}  # fmt: skip
     assert modules <= set(files) and {"README.md", "requirements.txt", "app_defaults.json", "library/library.json"} <= set(files)
     assert "library/sounds/clip0.wav" in files and not any(f.startswith(("train", "demo")) for f in files)
     card = SpaceCard.load(space / "README.md")

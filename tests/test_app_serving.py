@@ -15,7 +15,7 @@ import soundfile
 from conftest import ROOT, make_waveform
 from test_app import free_port, saved_model, wait_for_server  # noqa: F401 (fixtures shared with the app tests)
 
-from audio_library import AudioLibrary, load_model
+from audio_qformer.library import AudioLibrary, load_model
 
 
 gr = pytest.importorskip("gradio")

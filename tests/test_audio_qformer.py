@@ -647,7 +647,7 @@ def test_one_clip_against_several_texts_equals_the_clip_repeated(tiny_model, pro
 def test_rerank_scores_equal_pairwise_scores(tiny_model, processor):
     # Items shared by several queries go through the one-clip-several-texts path, the others in batches of pairs;
     # either way every score must be the pair's own match logit + cosine.
-    from retrieval import rerank_with_matching_head
+    from audio_qformer.retrieval import rerank_with_matching_head
 
     torch.manual_seed(4)
     tokens = [torch.randn(10 + 3 * i, 32).numpy() for i in range(6)]

@@ -27,9 +27,9 @@ from input_matrix import (
 )
 
 from audio_io import load_audio
-from audio_text_data import load_hub_dataset
+from audio_qformer.data import load_hub_dataset
 from configuration_audio_qformer import BeatsConfig
-from feature_cache import FeatureCache, build_cache, clip_key
+from audio_qformer.store import FeatureCache, build_cache, clip_key
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import BeatsFeatureExtractor
 
@@ -129,7 +129,7 @@ def _install_kill_point(event: str, count: int):
     """
     import builtins
 
-    import feature_cache
+    from audio_qformer import store as feature_cache
 
     seen = 0
 

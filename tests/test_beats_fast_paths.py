@@ -14,8 +14,8 @@ from transformers.audio_utils import spectrogram
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
-import beats_cpu
-from beats_cpu import (
+from audio_qformer import beats_cpu
+from audio_qformer.beats_cpu import (
     DynamicInt8Linear,
     FftConv1d,
     OneDnnLinear,
@@ -224,7 +224,7 @@ def test_fast_copy_falls_back_to_float32_when_measured_slower(medium_model, monk
     monkeypatch.setattr(beats_cpu, "cpu_flags", lambda: flags)
     monkeypatch.setattr(beats_cpu, "int8_available", lambda: True)
     monkeypatch.setattr(beats_cpu, "product_speedup", lambda precision, *shape: 0.9)
-    with CaptureLogger(logging.get_logger("beats_cpu")) as captured:
+    with CaptureLogger(logging.get_logger("audio_qformer.beats_cpu")) as captured:
         fast, precision = cpu_copy(medium_model, "fast")
     assert precision == "float32" and fast.encoder.layers[0].fc1.weight.dtype == torch.float32
     assert "exact float32 path" in captured.out and "0.90x float32's speed" in captured.out, captured.out
@@ -369,7 +369,7 @@ def test_vectorised_fbank_equals_transformers_spectrogram(kind):
 
 KEPT_MEMORY_SCRIPT = """
 import ctypes, resource, sys
-import beats_cpu
+from audio_qformer import beats_cpu
 applied = beats_cpu.keep_freed_memory() if sys.argv[1] == "kept" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]

@@ -125,7 +125,7 @@ def test_generate_from_fbank_equals_from_cached_tokens(captioner, processor):
 
 
 def test_attribute_accuracy_on_hand_made_captions():
-    from captioning import attribute_accuracy, shuffled_chance
+    from audio_qformer.captioning import attribute_accuracy, shuffled_chance
 
     tone = dict(sound="tone", pitch="high", motion="rising", rhythm="fast", loudness="quieter", space="echo")
     noise = dict(sound="noise", pitch="pink", motion="steady", rhythm="slow", loudness="even", space="dry")
@@ -149,7 +149,7 @@ def test_attribute_accuracy_on_hand_made_captions():
 
 
 def test_bleu4_perfect_none_and_several_references():
-    from captioning import bleu4
+    from audio_qformer.captioning import bleu4
 
     references = [["a dog barks loudly in the distance", "a dog is barking far away"], ["rain falls on a tin roof"]]
     assert bleu4(["a dog barks loudly in the distance", "rain falls on a tin roof"], references) == pytest.approx(1.0)

@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_BEATS, make_waveform
 
 from audio_io import AudioLoadError, load_audio
-from audio_text_data import (
+from audio_qformer.data import (
     clean_caption,
     load_audiocaps,
     load_audiofolder,
@@ -20,7 +20,7 @@ from audio_text_data import (
     split_by_clip,
 )
 from configuration_audio_qformer import BeatsConfig
-from feature_cache import FeatureCache, build_cache, clip_key, model_fingerprint
+from audio_qformer.store import FeatureCache, build_cache, clip_key, model_fingerprint
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import BeatsFeatureExtractor
 from train import crop_tokens
@@ -213,7 +213,7 @@ def test_feature_cache_extracts_resumes_and_invalidates(tmp_path, beats, monkeyp
 
 
 def test_synthetic_sets_have_distinct_attributes_and_readable_captions(tmp_path):
-    from synthetic_sounds import all_attribute_sets, caption_attributes, distinct_attributes, generate
+    from audio_qformer.synthetic_sounds import all_attribute_sets, caption_attributes, distinct_attributes, generate
 
     # The demo's sizes draw without repeats within a set; sets may overlap each other.
     rng = np.random.default_rng(0)
@@ -247,6 +247,6 @@ def test_reading_audio_and_searching_import_no_datasets():
 
     from conftest import ROOT
 
-    code = "import sys, audio_io, audio_library, audio_search; print('datasets' in sys.modules)"
+    code = "import sys, audio_io, audio_qformer.library, audio_qformer.cli; print('datasets' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr[-2000:]

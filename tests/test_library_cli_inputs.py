@@ -12,8 +12,8 @@ import torch
 from conftest import make_waveform
 from test_search import copy_of, saved_model, sounds  # noqa: F401 (fixtures shared with the search tests)
 
-from audio_library import AudioLibrary, load_model, open_dataset
-from audio_search import main
+from audio_qformer.library import AudioLibrary, load_model, open_dataset
+from audio_qformer.cli import main
 
 
 def exit_status(argv) -> int:

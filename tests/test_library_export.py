@@ -10,8 +10,8 @@ import torch
 from conftest import make_waveform, tiny_qformer_config
 from test_search import saved_model, sounds  # noqa: F401 (fixtures shared with the search tests)
 
-from audio_library import AudioLibrary, load_model
-from audio_search import main
+from audio_qformer.library import AudioLibrary, load_model
+from audio_qformer.cli import main
 from modeling_audio_qformer import AudioQFormerModel
 
 

@@ -16,13 +16,13 @@ import soundfile
 from conftest import ROOT, make_waveform
 from test_search import KilledProcessOne, saved_model, sounds  # noqa: F401 (the fixtures, shared)
 
-from audio_library import AudioLibrary, LibraryDiskFullError, load_model
-from audio_search import main
+from audio_qformer.library import AudioLibrary, LibraryDiskFullError, load_model
+from audio_qformer.cli import main
 
 
 ENV = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
 LAUNCH_TWO = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "audio_search"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "audio_qformer.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ class FileOnSimulatedDisk:
 def test_appending_again_after_a_full_disk_stores_each_entry_once_where_its_index_says(room, tmp_path, monkeypatch):
     """A write that failed half-way and the same items appended again once there is room: what was cut is cut off
     rather than appended after, and an entry written whole is not stored twice."""
-    from feature_cache import FeatureCache
+    from audio_qformer.store import FeatureCache
 
     cache = FeatureCache(str(tmp_path), "store", 4)
     blocks = [(f"k{i}", np.full((i + 1, 4), i, np.float16), {"n": i}) for i in range(3)]
@@ -300,7 +300,7 @@ def test_search_while_index_appends_sees_complete_files_only(saved_model, sounds
     AudioLibrary(library_dir, model, processor, saved_model, create=True).index(str(sounds), show_progress=False)
     opened_before = AudioLibrary(library_dir, model, processor)
 
-    command = [sys.executable, "audio_search.py", "--library", library_dir, "index", str(many_sounds),
+    command = [sys.executable, "-m", "audio_qformer.cli", "--library", library_dir, "index", str(many_sounds),
                "--batch_size", "1"]  # fmt: skip
     run = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     appended = tmp_path / "lib" / "embeddings" / "shard-0.jsonl"
@@ -331,8 +331,8 @@ def test_a_library_opened_while_a_run_finishes_lists_only_files_it_found_stored(
     """
     import accelerate.utils
 
-    import audio_library
-    from feature_cache import FeatureCache
+    from audio_qformer import library as audio_library
+    from audio_qformer.store import FeatureCache
 
     model, processor = load_model(saved_model)
     library_dir = str(tmp_path / "lib")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranking_metrics import retrieval_metrics
+from audio_qformer.ranking_metrics import retrieval_metrics
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +254,7 @@ def test_loads_offline_from_any_directory(tmp_path):
 
 
 def test_pad_tokens_takes_arrays_and_tensors_alike():
-    from retrieval import pad_tokens
+    from audio_qformer.retrieval import pad_tokens
 
     ragged = [np.arange(6, dtype=np.float16).reshape(3, 2), np.ones((1, 2), dtype=np.float32)]
     states, mask = pad_tokens(ragged)

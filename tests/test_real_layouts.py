@@ -14,7 +14,7 @@ import soundfile
 from conftest import make_waveform
 
 from audio_io import AudioLoadError, load_audio
-from audio_text_data import load_audiocaps, load_clotho, load_hub_dataset, load_wavcaps
+from audio_qformer.data import load_audiocaps, load_clotho, load_hub_dataset, load_wavcaps
 
 
 CLOTHO_FILES = ["Radio Garble, \"live\".wav", "Pájaros en el jardín.wav", "01 A pug struggles to breathe 1_14_2008.wav"]

@@ -11,10 +11,10 @@ import soundfile
 import torch
 from conftest import make_waveform, tiny_qformer_config
 
-import beats_cpu
+from audio_qformer import beats_cpu
 from audio_io import window_starts
-from audio_library import AudioLibrary, balanced_shares, load_model
-from audio_search import main
+from audio_qformer.library import AudioLibrary, balanced_shares, load_model
+from audio_qformer.cli import main
 from modeling_audio_qformer import AudioQFormerModel, max_over_queries
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 
@@ -199,7 +199,7 @@ def test_library_refuses_another_model(saved_model, sounds, tmp_path, tokenizer,
 def test_fast_cpu_library_embeds_with_the_fast_encoder(saved_model, sounds, tmp_path, monkeypatch):
     # `--fast_cpu`: the library records the setting and embeds every clip (and every `similar` query) with BEATs'
     # fast copy (bfloat16 or int8 by the CPU): close to the exact embeddings, yet not them.
-    import beats_cpu
+    from audio_qformer import beats_cpu
     from audio_io import load_audio
 
     # The tiny model's products are too small for a lower precision to measure faster (the fast copy would be the
@@ -283,8 +283,8 @@ def test_cli_end_to_end(saved_model, sounds, tmp_path, capsys, monkeypatch):
 
 def test_evaluation_script_table(saved_model, tmp_path):
     from evaluate_retrieval import main as evaluate_main
-    from synthetic_sounds import generate
-    from ranking_metrics import retrieval_metrics
+    from audio_qformer.synthetic_sounds import generate
+    from audio_qformer.ranking_metrics import retrieval_metrics
 
     generate(str(tmp_path / "data"), num_train=2, num_validation=2, num_library=12, captions_per_clip=2, seed=3)
     output = tmp_path / "table.json"
@@ -304,7 +304,7 @@ def test_evaluation_script_table(saved_model, tmp_path):
 
     rows = list(csv.DictReader(open(tmp_path / "data" / "library" / "metadata.csv")))
     from audio_io import load_audio
-    from audio_text_data import clean_caption
+    from audio_qformer.data import clean_caption
 
     with torch.no_grad():
         audio = model.get_audio_features(**processor.feature_extractor(
@@ -329,7 +329,7 @@ def test_evaluation_script_table(saved_model, tmp_path):
         assert len(set(row[1:])) == 10 and row[4:] == [rows[i]["file_name"] for i in order[3:]]
         assert sorted(row[1:4]) == sorted(rows[i]["file_name"] for i in order[:3])
     # `--captions`: each clip captioned once, as the model captions its waveform, scored against its own captions.
-    from captioning import attribute_accuracy, bleu4, caption_waveforms
+    from audio_qformer.captioning import attribute_accuracy, bleu4, caption_waveforms
 
     captioning = saved["captioning"]
     waves = [load_audio(str(tmp_path / "data" / "library" / r["file_name"])) for r in rows]
@@ -380,7 +380,7 @@ def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_pat
 
     def index(library, kill_when_stored=None, delay=0.0):
         """Run `index`; with `kill_when_stored`, SIGKILL it `delay` s after that many files are stored."""
-        command = [sys.executable, "audio_search.py", "--library", str(library), "index", str(folder),
+        command = [sys.executable, "-m", "audio_qformer.cli", "--library", str(library), "index", str(folder),
                    "--model", saved_model, "--batch_size", "2"]  # fmt: skip
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if kill_when_stored is None:
@@ -420,7 +420,7 @@ def test_index_killed_at_random_points_equals_uninterrupted(saved_model, tmp_pat
 
 
 def test_audio_to_text_metrics_by_hand():
-    from ranking_metrics import audio_to_text_metrics
+    from audio_qformer.ranking_metrics import audio_to_text_metrics
 
     # 2 clips, 4 captions (clip of each: 0, 0, 1, 1). Clip 0 ranks captions 2, 0, ... -> its first own caption at rank 2;
     # clip 1 ranks caption 1 first, then 3 -> rank 2 too; with ties (clip 1: captions 1 and 3 equal) the lower index wins.
@@ -453,7 +453,7 @@ def test_vector_index_search_matches_exact_and_follows_additions(saved_model, so
 
 
 def test_two_processes_index_as_one(saved_model, sounds, tmp_path):
-    """`accelerate launch --num_processes 2 -m audio_search ... index`: disjoint shares, one library like a single run."""
+    """`accelerate launch --num_processes 2 -m audio_qformer.cli ... index`: disjoint shares, one library like a single run."""
     import subprocess
     import sys
 
@@ -461,7 +461,7 @@ def test_two_processes_index_as_one(saved_model, sounds, tmp_path):
 
     sounds = copy_of(sounds, tmp_path)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "audio_search"]  # fmt: skip
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "audio_qformer.cli"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([*launch, "--library", str(tmp_path / "two"), "index", str(sounds), "--model", saved_model],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -489,7 +489,7 @@ def test_two_processes_index_as_one(saved_model, sounds, tmp_path):
 
 
 def test_consolidate_moves_shards_into_the_first_once(tmp_path):
-    from feature_cache import FeatureCache
+    from audio_qformer.store import FeatureCache
 
     cache = FeatureCache(str(tmp_path), "store", 4)
     blocks = {f"k{i}": np.full((i + 1, 4), i, np.float16) for i in range(5)}
@@ -514,7 +514,7 @@ def test_consolidate_moves_shards_into_the_first_once(tmp_path):
 def test_a_second_index_run_stops_while_one_holds_the_lock(saved_model, sounds, tmp_path, capsys):
     import fcntl
 
-    from audio_library import LibraryBusyError
+    from audio_qformer.library import LibraryBusyError
 
     library = AudioLibrary(str(tmp_path / "lib"), *load_model(saved_model), saved_model, create=True)
     with open(tmp_path / "lib" / "index.lock", "w") as other_run:
@@ -558,7 +558,7 @@ def test_library_with_captions_and_the_caption_command(saved_model, sounds, tmp_
     # `index --captions`: each file's caption is the model's caption of its first window's stored BEATs tokens, shown
     # by search (table and JSON) and similar; `caption` captions files without a library, and writes DCASE task 6A's
     # submission file.
-    from captioning import caption_token_arrays
+    from audio_qformer.captioning import caption_token_arrays
 
     folder = copy_of(sounds, tmp_path)
     lib = str(tmp_path / "lib")

@@ -17,7 +17,7 @@ from modeling_audio_qformer import BeatsModel
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from synthetic_sounds import generate
+    from audio_qformer.synthetic_sounds import generate
 
     root = tmp_path_factory.mktemp("train")
     generate(str(root / "data"), num_train=12, num_validation=4, num_library=4, captions_per_clip=2, seed=1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modeling_audio_qformer import max_over_queries
-from vector_search import (
+from audio_qformer.vector_search import (
     ApproximateAudioIndex,
     ClipStore,
     clustered_embeddings,

@@ -2,7 +2,7 @@
 """The `audio-qformer` command: index a folder of sounds into a library (`audio_library.AudioLibrary`), then search it.
 
     audio-qformer --library LIB index DIR --model MODEL [--fast_cpu]   # resumable; later runs embed new files only
-    accelerate launch --multi_gpu --num_processes N -m audio_search --library LIB index DIR --model MODEL  # CPU too
+    accelerate launch --multi_gpu --num_processes N -m audio_qformer.cli --library LIB index DIR --model MODEL  # CPU too
     audio-qformer --library LIB search "a dog barks" [-k 10] [--rerank 16] [--json]
     audio-qformer --library LIB similar FILE [-k 10] [--json]
     audio-qformer --library LIB index --hub_dataset ID_OR_FOLDER [--hub_split train] [--hub_audio_column audio] --model M
@@ -26,7 +26,7 @@ from dataclasses import asdict
 import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
-from audio_library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
+from audio_qformer.library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
                            model_reference, open_dataset)  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def _positive(value: str) -> int:
 def _caption(args, parser) -> int:
     """The `caption` command: captions of files (or every audio file under folders), without a library."""
     from audio_io import audio_files
-    from captioning import caption_files
+    from audio_qformer.captioning import caption_files
 
     name = args.model
     if name is None:
@@ -213,7 +213,7 @@ def main(argv=None):
                                  timeout=INDEX_BARRIER_TIMEOUT)  # fmt: skip
             device = state.device if args.device == "auto" else _device(args.device)
             if torch.device(device).type == "cpu" and not args.release_memory:
-                from beats_cpu import keep_freed_memory
+                from audio_qformer.beats_cpu import keep_freed_memory
 
                 keep_freed_memory()  # BEATs' blocks of 48-94 MB per layer reused, not mapped afresh every batch
             config_path = os.path.join(args.library, LIBRARY_CONFIG)

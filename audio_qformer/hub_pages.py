@@ -2,8 +2,8 @@
 """
 The model's pages on the Hub: its model card, and the Gradio Space that serves it.
 
-    python hub_pages.py card MODEL_DIR --model_id you/audio-qformer            # (re)write MODEL_DIR/README.md
-    python hub_pages.py space --model_id you/audio-qformer --space_dir space [--sounds DIR --model MODEL_DIR]
+    python -m audio_qformer.hub_pages card MODEL_DIR --model_id you/audio-qformer            # (re)write MODEL_DIR/README.md
+    python -m audio_qformer.hub_pages space --model_id you/audio-qformer --space_dir space [--sounds DIR --model MODEL_DIR]
                               [--push you/audio-qformer-search]
 
 The Hub's hosted widget does not run models that need `trust_remote_code`, and `zero-shot-audio-classification` is
@@ -24,7 +24,7 @@ import shutil
 import sys
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 MODEL_TAGS = ["custom_code", "audio", "zero-shot-audio-classification", "text-to-audio-retrieval", "audio-captioning", "beats",
               "q-former"]
 # What a Space installs besides the gradio its sdk brings.
@@ -88,7 +88,7 @@ def model_card(model_id: str, results: dict | None = None, training: dict | None
         f"The Space [{space_id}](https://huggingface.co/spaces/{space_id}) searches a sound library with this model "
         "in the browser (Search, Similar, Classify), and its named API endpoints serve `gradio_client`."
         if space_id
-        else "`python hub_pages.py space --model_id ... --push SPACE_ID` in the model's repository builds a Space for it."
+        else "`python -m audio_qformer.hub_pages space --model_id ... --push SPACE_ID` in the model's repository builds a Space for it."
     )
     content = f"""---
 {data.to_yaml()}
@@ -210,21 +210,26 @@ def add_to_model_card(folder: str, heading: str, text: str) -> str:
 
 
 def local_imports(entry: str, root: str = ROOT) -> list[str]:
-    """The repository's modules that `entry` (a module name) imports, directly or not, itself included, sorted."""
+    """
+    The repository's files that the module `entry` imports, directly or not, itself included, as paths relative to
+    `root`, sorted: flat modules (`audio_io.py`) and the package's (`audio_qformer/library.py`, with its `__init__.py`).
+    """
     seen, todo = set(), [entry]
     while todo:
         name = todo.pop()
-        path = os.path.join(root, name + ".py")
-        if name in seen or not os.path.isfile(path):
+        path = name.replace(".", "/") + ".py"
+        if path in seen or not os.path.isfile(os.path.join(root, path)):
             continue
-        seen.add(name)
-        with open(path, encoding="utf-8") as handle:
+        seen.add(path)
+        if "." in name:
+            todo.append(name.rsplit(".", 1)[0] + ".__init__")
+        with open(os.path.join(root, path), encoding="utf-8") as handle:
             tree = ast.parse(handle.read(), path)
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                todo += [alias.name.split(".")[0] for alias in node.names]
+                todo += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                todo.append(node.module.split(".")[0])
+                todo += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
     return sorted(seen)
 
 
@@ -250,7 +255,8 @@ def write_space_folder(space_dir: str, model_id: str, sounds: str | None = None,
 
     os.makedirs(space_dir, exist_ok=True)
     for name in local_imports("app"):
-        shutil.copyfile(os.path.join(ROOT, name + ".py"), os.path.join(space_dir, name + ".py"))
+        os.makedirs(os.path.dirname(os.path.join(space_dir, name)), exist_ok=True)
+        shutil.copyfile(os.path.join(ROOT, name), os.path.join(space_dir, name))
     with open(os.path.join(space_dir, "requirements.txt"), "w") as handle:
         handle.write("\n".join(SPACE_REQUIREMENTS) + "\n")
     with open(os.path.join(space_dir, APP_DEFAULTS), "w") as handle:
@@ -269,13 +275,13 @@ clip (Similar), caption a clip (Describe), and rank labels for a clip (Classify)
 `/similar`, `/describe` and `/classify` serve `gradio_client`.
 
 The library is the folder `{SPACE_LIBRARY}/`: its sounds under `{SPACE_LIBRARY}/sounds/` and their stored embeddings.
-Add sounds by indexing them where you have the model and pushing the folder again (`python hub_pages.py space ...
+Add sounds by indexing them where you have the model and pushing the folder again (`python -m audio_qformer.hub_pages space ...
 --sounds DIR`); sounds committed to `{SPACE_LIBRARY}/sounds/` without embeddings are embedded when the Space starts
 (a progress bar in its logs), and again after each restart until their embeddings are committed.
 """
     SpaceCard(card).save(os.path.join(space_dir, "README.md"))
     if sounds:
-        from audio_library import BROWSING_LIBRARY, AudioLibrary, load_model
+        from audio_qformer.library import BROWSING_LIBRARY, AudioLibrary, load_model
 
         library_dir = os.path.join(space_dir, SPACE_LIBRARY)
         target = os.path.join(library_dir, "sounds")

@@ -1,7 +1,7 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
 """The embedded default dataset: synthetic sounds with captions that describe them.
 
-    python synthetic_sounds.py --output_dir data/synthetic
+    python -m audio_qformer.synthetic_sounds --output_dir data/synthetic
 
 Each clip combines a sound (a tone, a buzz or a noise), its pitch or noise colour, a pitch movement (steady, rising,
 falling), a rhythm (continuous, slow or fast pulses), a loudness change (even, louder, quieter) and a space (dry, an

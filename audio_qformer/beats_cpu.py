@@ -1,7 +1,7 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
 """BEATs on the CPU, faster: converted copies of a loaded `BeatsModel` for inference (indexing a sound library).
 
-    from beats_cpu import cpu_copy
+    from audio_qformer.beats_cpu import cpu_copy
     fast_beats, precision = cpu_copy(model.audio_model, "fast")   # bfloat16, int8 or float32: see below
 
 This module stays local: it is not saved with models, because it calls oneDNN and fbgemm through private or deprecated

@@ -5,7 +5,7 @@ head's re-ranking of its top k, and the evaluation that combines them (metrics f
 import numpy as np
 import torch
 
-from ranking_metrics import audio_to_text_metrics, metrics_from_ranks, rank_items, ranks_in
+from audio_qformer.ranking_metrics import audio_to_text_metrics, metrics_from_ranks, rank_items, ranks_in
 
 
 def group_by_clip(audio_ids: list[str]) -> tuple[list[str], torch.Tensor]:

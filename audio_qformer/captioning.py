@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from audio_io import AudioLoadError, caption_spans, load_audio
-from retrieval import pad_tokens
+from audio_qformer.retrieval import pad_tokens
 
 
 @torch.no_grad()
@@ -97,7 +97,7 @@ def attribute_accuracy(captions: list[str], attributes: list[dict]) -> dict[str,
     On the synthetic set: for each attribute, the share of captions that name its right value and no other
     (`synthetic_sounds.named_attributes`); `motion` over tones and buzzes only; `all` when every one is right.
     """
-    from synthetic_sounds import named_attributes  # the demo's data generator: a repository module, not installed
+    from audio_qformer.synthetic_sounds import named_attributes  # the demo's data generator: a repository module, not installed
 
     if len(captions) != len(attributes) or not captions:
         raise ValueError("attribute_accuracy needs one attribute set per caption.")

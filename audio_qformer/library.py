@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from audio_io import AUDIO_EXTENSIONS, HOP_SECONDS, WINDOW_SECONDS, AudioLoadError, audio_files, load_audio, window_starts
-from feature_cache import FeatureCache, audio_file_for, clip_key, weights_fingerprint, write_atomically
-from retrieval import rerank_with_matching_head, tokenize_texts
-from vector_search import exact_search
+from audio_qformer.store import FeatureCache, audio_file_for, clip_key, weights_fingerprint, write_atomically
+from audio_qformer.retrieval import rerank_with_matching_head, tokenize_texts
+from audio_qformer.vector_search import exact_search
 
 
 logger = logging.get_logger(__name__)
@@ -599,7 +599,7 @@ class AudioLibrary:
 
                 self._audio_encoder = copy.deepcopy(self.model.audio_model).to(torch.bfloat16)
             else:
-                from beats_cpu import cpu_copy
+                from audio_qformer.beats_cpu import cpu_copy
 
                 # Libraries made before the settings existed are exact.
                 precision = "bfloat16" if bfloat16 else "fast" if self.config.get("fast_cpu_encoder") else "float32"
@@ -773,7 +773,7 @@ class AudioLibrary:
 
     def _captions(self, window_tokens: list) -> list[str]:
         """Captions of windows given as BEATs tokens (the model's default generation)."""
-        from captioning import caption_token_arrays
+        from audio_qformer.captioning import caption_token_arrays
 
         return caption_token_arrays(self.model, self.processor, window_tokens)
 
@@ -870,7 +870,7 @@ class AudioLibrary:
         The library's approximate index (`vector_search.ApproximateAudioIndex`, FAISS) over every stored window, in
         `vector_index/`: loaded, brought up to date with windows stored since, or built when `build` is set.
         """
-        from vector_search import ApproximateAudioIndex
+        from audio_qformer.vector_search import ApproximateAudioIndex
 
         path = os.path.join(self.directory, "vector_index")
         rows = self.embeddings.shard_array(0)
