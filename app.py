@@ -1,6 +1,6 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
 """
-The sound-search app: a Gradio Blocks interface over a sound library (`audio_library.AudioLibrary`), run locally or as
+The sound-search app: a Gradio Blocks interface over a sound library (`audio_qformer.library.AudioLibrary`), run locally or as
 the model's Hugging Face Space.
 
     python app.py --model DIR_OR_HUB_ID --library LIBRARY_DIR [--sounds DIR] [--port 7860] [--host 127.0.0.1]
@@ -18,7 +18,7 @@ indexed folder, and the file that was embedded) and the clips uploaded to it; no
 sign-in: the README's "Serving the app and the endpoint to others" says what it exposes and how to add one.
 
 Run with no arguments (as a Space runs it), `app_defaults.json` beside this file names the model and the library folder
-(`hub_pages.py space` writes it). Sounds under the library's `sounds/` folder that are not embedded yet are embedded
+(`python -m audio_qformer.hub_pages space` writes it). Sounds under the library's `sounds/` folder that are not embedded yet are embedded
 before the app serves (a progress bar in the log); stored ones never again.
 """
 
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from audio_io import AudioLoadError, load_audio  # noqa: E402
-from audio_qformer.library import BROWSING_LIBRARY, AudioLibrary, SearchHit, load_model  # noqa: E402
+from audio_qformer.library import BROWSING_LIBRARY, AudioLibrary, SearchHit  # noqa: E402
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -297,16 +297,13 @@ def build_app(app: SoundSearchApp) -> gr.Blocks:
 
 def open_library(library_dir: str, model: str | None, sounds: str | None) -> AudioLibrary:
     """The library, created with `model` if new, after embedding what `sounds` holds that it does not."""
-    if os.path.exists(os.path.join(library_dir, "library.json")):
-        try:
-            library = AudioLibrary.load(library_dir, model)
-        except ValueError as error:  # its model cannot be loaded here, or is not the library's
-            raise SystemExit(f"app.py: {error}") from error
-    elif model:
-        loaded, processor = load_model(model)
-        library = AudioLibrary(library_dir, loaded, processor, model, create=True, **BROWSING_LIBRARY)
-    else:
+    new = not os.path.exists(os.path.join(library_dir, "library.json"))
+    if new and not model:
         raise SystemExit(f"app.py: no library at {library_dir}; give --model (and --sounds) to build one.")
+    try:  # a new library stores what the app shows (captions, tokens for its re-rank switch); an existing one is as it is
+        library = AudioLibrary.open(library_dir, model, create=True, **(BROWSING_LIBRARY if new else {}))
+    except ValueError as error:  # its model cannot be loaded here, or is not the library's
+        raise SystemExit(f"app.py: {error}") from error
     if sounds:
         report = library.index(sounds)
         print(f"{library_dir}: {report['embedded']} embedded, {report['reused']} already stored, "

@@ -186,7 +186,7 @@ class AudioQFormerConfig(PreTrainedConfig):
 
     `AudioQFormerConfig()` with no arguments is the paper's architecture: BEATs iter3+ (768 wide) and a bert-base
     sized Q-Former (12 layers, 768 wide, cross-attention every other layer, 32 queries, vocabulary 30523 with
-    `[DEC]`). `AudioQFormerModel.from_components` builds a config whose Q-Former takes the size of a given BERT
+    `[DEC]`). `audio_qformer.building.from_components` builds a config whose Q-Former takes the size of a given BERT
     checkpoint (e.g. the offline default, MiniLM-L6: 6 layers, 384 wide).
 
     Args:
@@ -236,7 +236,7 @@ class AudioQFormerConfig(PreTrainedConfig):
     >>> from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
     >>> from modeling_audio_qformer import AudioQFormerModel
 
-    >>> # The paper's architecture (random weights; see `AudioQFormerModel.from_components` for real ones)
+    >>> # The paper's architecture (random weights; see `audio_qformer.building.from_components` for real ones)
     >>> configuration = AudioQFormerConfig()
 
     >>> # A small one: sub-configs are dicts or config objects

@@ -118,10 +118,12 @@ def main(argv=None):
          "--captions"], "5. Index the library with the CLI (with the model's captions)")  # fmt: skip
     import numpy as np
 
-    from audio_qformer.store import FeatureCache, clip_key
+    from audio_qformer.identity import clip_key
+
+    from audio_qformer.store import ArrayStore
 
     width = len(np.asarray(reloaded["embeds"]).reshape(-1))
-    stored = FeatureCache(library, "embeddings", width).get(clip_key(clip)).astype(np.float32)
+    stored = ArrayStore(library, "embeddings", width).get(clip_key(clip)).astype(np.float32)
     difference = float(np.abs(stored.reshape(-1) - np.asarray(reloaded["embeds"]).reshape(-1)).max())
     print(f"Reloaded as {reloaded['class']}; its embedding of {os.path.basename(clip)} differs from the CLI's stored "
           f"one by at most {difference:.1e} (float16 storage)")  # fmt: skip

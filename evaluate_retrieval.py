@@ -30,7 +30,7 @@ import torch
 from audio_qformer.library import load_model
 from audio_qformer.data import add_hub_arguments, load_audiofolder, load_clotho, load_hub_datasets, with_cache_keys
 from audio_qformer.captioning import attribute_accuracy, bleu4, caption_token_arrays, shuffled_chance
-from audio_qformer.store import build_cache
+from audio_qformer.features import build_cache
 from audio_qformer.ranking_metrics import chance_metrics
 from audio_qformer.retrieval import evaluate_text_to_audio
 

@@ -330,7 +330,7 @@ class AudioQFormerProcessor(ProcessorMixin):
     `feature_attention_mask`, which [`AudioQFormerModel`] takes as they are.
 
     The tokenizer gets the `[DEC]` token (as `bos_token`) when it lacks it, so any BERT tokenizer works; the model's
-    vocabulary must then include it (`AudioQFormerModel.from_components` sizes it so).
+    vocabulary must then include it (`audio_qformer.building.from_components` sizes it so).
 
     Options shared by both sides (`padding`, `max_length`, `truncation`) reach the feature extractor too, where
     lengths count frames; with audio in the same call, give text options as `text_kwargs={"max_length": 32, ...}`.

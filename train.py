@@ -46,9 +46,10 @@ from audio_qformer.data import (
     with_cache_keys,
 )
 from configuration_audio_qformer import BeatsConfig
-from audio_qformer.store import build_cache
+from audio_qformer.features import build_cache
 from audio_qformer.hub_pages import push_space, write_model_card, write_space_folder
-from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
+from audio_qformer.building import default_bert_checkpoint, from_components
+from modeling_audio_qformer import AudioQFormerModel
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 from audio_qformer.ranking_metrics import chance_metrics
 from audio_qformer.retrieval import evaluate_text_to_audio, pad_tokens
@@ -380,7 +381,7 @@ def main(argv=None):
         tokenizer = BertTokenizer.from_pretrained(args.init_from)  # AutoTokenizer would ask for remote code
     else:
         beats = args.beats_checkpoint or BeatsConfig(**DEMO_BEATS)
-        model = AudioQFormerModel.from_components(
+        model = from_components(
             beats, args.bert, num_qformer_layers=args.num_qformer_layers, num_query_tokens=args.num_query_tokens,
         )
         tokenizer = AutoTokenizer.from_pretrained(args.bert or default_bert_checkpoint())

@@ -1,5 +1,5 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
-"""The `audio-qformer` command: index a folder of sounds into a library (`audio_library.AudioLibrary`), then search it.
+"""The `audio-qformer` command: index a folder of sounds into a library (`audio_qformer.library.AudioLibrary`), then search it.
 
     audio-qformer --library LIB index DIR --model MODEL [--fast_cpu]   # resumable; later runs embed new files only
     accelerate launch --multi_gpu --num_processes N -m audio_qformer.cli --library LIB index DIR --model MODEL  # CPU too
@@ -26,8 +26,8 @@ from dataclasses import asdict
 import torch
 
 from audio_io import HOP_SECONDS, WINDOW_SECONDS
-from audio_qformer.library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError, SearchHit, load_model,
-                           model_reference, open_dataset)  # fmt: skip
+from audio_qformer.library import (LIBRARY_CONFIG, AudioLibrary, LibraryBusyError, LibraryDiskFullError,
+                                   LibrarySettingError, SearchHit, load_model, model_reference, open_dataset)  # fmt: skip
 
 
 # A process of an index launch that has embedded its share waits at a barrier for the others, which can take hours
@@ -76,7 +76,7 @@ def _positive(value: str) -> int:
     return number
 
 
-def _caption(args, parser) -> int:
+def caption_command(args, parser) -> int:
     """The `caption` command: captions of files (or every audio file under folders), without a library."""
     from audio_io import audio_files
     from audio_qformer.captioning import caption_files
@@ -126,7 +126,12 @@ def _caption(args, parser) -> int:
     return 1 if unreadable and len(unreadable) == len(results) else 0
 
 
-def main(argv=None):
+# How the library's settings are given on the command line (`index`), for its messages.
+SETTING_FLAGS = {"window_seconds": "--window_seconds", "hop_seconds": "--hop_seconds", "fast_cpu_encoder": "--fast_cpu",
+                 "beats_dtype": "--beats_dtype", "keep_tokens": "--keep_tokens", "captions": "--captions"}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="audio-qformer", description="Index a sound library and search it by text.")
     parser.add_argument("--library", default="audio-library", help="The library folder (default: ./audio-library).")
     parser.add_argument("--device", default="auto",
@@ -143,9 +148,8 @@ def main(argv=None):
     index.add_argument("--model", help="Saved model folder or Hub id (required for a new library).")
     index.add_argument("--batch_size", type=_positive, default=8, help="Windows per forward pass (default: 8).")
     index.add_argument("--keep_tokens", action="store_true",
-                       help="New library: also store each window's BEATs tokens (46x the embeddings' disk), so that "
-                            "--rerank needs no decoding and no BEATs (1.15 s instead of 5.0 s per query at the report's "
-                            "size on a 2-core CPU).")
+                       help="New library: also store each window's BEATs tokens (about 46 times the embeddings' disk), "
+                            "so that --rerank needs no decoding and no BEATs.")
     index.add_argument("--no_tokens", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12-01
     index.add_argument("--window_seconds", type=float,
                        help=f"New library: seconds of audio per embedded window (default: {WINDOW_SECONDS}, BEATs' 512 "
@@ -158,9 +162,8 @@ def main(argv=None):
                             "(with a warning) where neither measures faster.")
     index.add_argument("--release_memory", action="store_true",
                        help="On the CPU, let the C allocator hand freed memory back to the system at once (glibc's "
-                            "default). Without it index keeps freed memory for reuse (beats_cpu.keep_freed_memory): "
-                            "BEATs ran 1.08x (exact), 1.17x (int8) and 1.54x (bfloat16) as fast at batch 8 on a 2-core "
-                            "Xeon; memory freed is then held until the process ends.")
+                            "default). Without it index keeps freed memory for reuse (beats_cpu.keep_freed_memory), "
+                            "which makes BEATs faster; memory freed is then held until the process ends.")
     index.add_argument("--vector_index", action="store_true",
                        help="Also build (or update) the approximate FAISS index, for `search --approximate`.")
     index.add_argument("--beats_dtype", choices=["float32", "bfloat16"],
@@ -197,122 +200,138 @@ def main(argv=None):
     caption.add_argument("--json", action="store_true", help="One JSON object per file.")
     caption.add_argument("--submission_csv", metavar="PATH",
                          help="Also write the DCASE audio captioning submission: file_name,caption_predicted.")
-    args = parser.parse_args(argv)
-    if args.command == "index" and args.directory is None and args.hub_dataset is None:
+    for command, run in (("index", index_command), ("export", export_command), ("import", import_command),
+                         ("search", search_command), ("similar", similar_command), ("caption", caption_command)):
+        commands.choices[command].set_defaults(func=run)
+    return parser
+
+
+def index_command(args, parser) -> int:
+    """Embed a folder's (or a dataset's) audio into the library, creating it with `--model` if new."""
+    if args.directory is None and args.hub_dataset is None:
         parser.error("index needs a folder DIR or --hub_dataset")
-    if args.command == "index" and args.directory is not None and args.hub_dataset is not None:
+    if args.directory is not None and args.hub_dataset is not None:
         parser.error("index takes a folder DIR or --hub_dataset, not both")
+    if args.fast_cpu and args.beats_dtype == "bfloat16":
+        parser.error("give --fast_cpu or --beats_dtype bfloat16, not both")
+    # One process, or each of those `accelerate launch` starts: they share the new files (AudioLibrary.index).
+    from accelerate import PartialState
 
+    # Without CUDA, processes that `accelerate launch --multi_gpu` started talk over gloo (cpu=True), as in train.py.
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+                         timeout=INDEX_BARRIER_TIMEOUT)  # fmt: skip
+    device = state.device if args.device == "auto" else _device(args.device)
+    if torch.device(device).type == "cpu" and not args.release_memory:
+        from audio_qformer.beats_cpu import keep_freed_memory
+
+        keep_freed_memory()  # BEATs' blocks of 48-94 MB per layer reused, not mapped afresh every batch
+    exists = os.path.exists(os.path.join(args.library, LIBRARY_CONFIG))
+    if not args.model and not exists:
+        parser.error("a new library needs --model (a saved model folder or Hub id)")
+    if args.directory is not None and not os.path.isdir(args.directory):
+        raise NotADirectoryError(f"{os.path.abspath(args.directory)}: not a folder")
+    # Before a new library is made: a source that cannot be read leaves no library behind.
+    source = args.directory or open_dataset(args.hub_dataset, args.hub_split)
+    # A flag left out means the library's own setting (None); one given must be the library's (LibrarySettingError).
+    settings = {"keep_tokens": args.keep_tokens or None, "fast_cpu_encoder": args.fast_cpu or None,
+                "captions": args.captions or None, "beats_dtype": args.beats_dtype,
+                "window_seconds": args.window_seconds, "hop_seconds": args.hop_seconds}  # fmt: skip
+    with state.main_process_first():  # the main process creates a new library; the others then open it
+        try:
+            library = AudioLibrary.open(args.library, args.model, create=True, device=device, **settings)
+        except LibrarySettingError as error:
+            parser.error(f"{args.library} {_setting_text(error.setting, error.stored)}; {SETTING_FLAGS[error.setting]} "
+                         "applies to new libraries")  # fmt: skip
+        if exists and args.model and model_reference(args.model) != library.config["model"] and state.is_main_process:
+            library.record_model(args.model)  # its weights, found here now (e.g. a moved folder)
+    report = library.index(source, args.batch_size, show_progress=state.is_main_process, state=state,
+                           audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip
+    who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
+    where = f"under {args.directory}" if args.directory else f"in {args.hub_dataset} ({args.hub_split})"
+    # One write, newline included: the launch's processes share stdout, and unbuffered (PYTHONUNBUFFERED) print
+    # writes the newline apart, so their lines could run into each other.
+    sys.stdout.write(f"{args.library}: {who}{report['files']} audio files {where}: {report['embedded']} "
+                     f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable\n")
+    sys.stdout.flush()
+    for failure in report["failed"]:
+        reason = failure["reason"].removeprefix(f"{failure['audio']}: ")  # most reasons start with the path
+        print(f"  skipped {failure['audio']}: {reason}")
+    if args.vector_index and state.is_main_process:
+        stored = len(library.vector_index(build=True))
+        live = sum(file["windows"] for file in library.stored_files())
+        stale = f" ({stored - live} more of files changed or gone: search skips them)" if stored > live else ""
+        print(f"Vector index: {live} windows{stale}")
+    return 0
+
+
+def _setting_text(setting: str, stored) -> str:
+    """What an existing library's setting is, in words."""
+    if setting in ("window_seconds", "hop_seconds"):
+        return f"cuts files with {setting} {stored}"
+    if setting == "fast_cpu_encoder":
+        return "embeds with the exact encoder"
+    if setting == "beats_dtype":
+        return f"runs BEATs in {stored}"
+    if setting == "keep_tokens":
+        return "was indexed without BEATs tokens (re-ranking there runs BEATs on the candidates)"
+    return f"was indexed without {setting}"
+
+
+def import_command(args, parser) -> int:
+    """Open an exported library as --library, embedding nothing."""
+    library = AudioLibrary.from_dataset(args.dataset, args.library, args.model, _device(args.device), args.hub_split)
+    files = library.stored_files()
+    print(f"{args.library}: {len(files)} files, {sum(f['windows'] for f in files)} windows with {args.dataset}; "
+          "nothing embedded")  # fmt: skip
+    return 0
+
+
+def export_command(args, parser) -> int:
+    """Write the library as Parquet (the Hub's layout), optionally pushed to the Hub."""
+    import tempfile
+
+    library = AudioLibrary.open(args.library, args.model, device="cpu")
+    if not library.live_keys():  # before OUT_DIR is made
+        raise ValueError(f"The library {args.library} holds no files yet: nothing to export.")
+    os.makedirs(args.output_dir, exist_ok=True)
+    # The Hub's layout for a split "train": `load_dataset(OUT_DIR)` and the dataset viewer find it.
+    path = os.path.join(args.output_dir, "data", "train-00000-of-00001.parquet")
+    with tempfile.TemporaryDirectory(dir=args.output_dir) as cache:  # the rows' Arrow copy, gone once written
+        dataset = library.to_dataset(cache_dir=cache)
+        dataset.to_parquet(path)
+        print(f"{path}: {len(dataset)} windows of {len(library.live_keys())} files, "
+              f"{os.path.getsize(path) / len(dataset) / 1024:.1f} KiB per window")  # fmt: skip
+        if args.push_to_hub:
+            dataset.push_to_hub(args.push_to_hub, private=args.private or None)
+            print(f"Pushed to https://huggingface.co/datasets/{args.push_to_hub}")
+    return 0
+
+
+def search_command(args, parser) -> int:
+    """Rank the library's files for each query."""
+    library = AudioLibrary.open(args.library, args.model, device=_device(args.device))
+    rerank = library.model.config.rerank_top_k if args.rerank == -1 else args.rerank
+    found = library.search(args.text, args.k, rerank, approximate=args.approximate)
+    for query, hits in zip(args.text, found):
+        _print_hits(query, hits, args.json)
+    return 0
+
+
+def similar_command(args, parser) -> int:
+    """Rank the library's files by how much they sound like a file."""
+    library = AudioLibrary.open(args.library, args.model, device=_device(args.device))
+    _print_hits(args.file, library.similar(args.file, args.k), args.json)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        if args.command == "index":
-            # One process, or each of those `accelerate launch` starts: they share the new files (AudioLibrary.index).
-            from accelerate import PartialState
-
-            # Without CUDA, processes that `accelerate launch --multi_gpu` started talk over gloo (cpu=True), as in train.py.
-            state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
-                                 timeout=INDEX_BARRIER_TIMEOUT)  # fmt: skip
-            device = state.device if args.device == "auto" else _device(args.device)
-            if torch.device(device).type == "cpu" and not args.release_memory:
-                from audio_qformer.beats_cpu import keep_freed_memory
-
-                keep_freed_memory()  # BEATs' blocks of 48-94 MB per layer reused, not mapped afresh every batch
-            config_path = os.path.join(args.library, LIBRARY_CONFIG)
-            if args.fast_cpu and args.beats_dtype == "bfloat16":
-                parser.error("give --fast_cpu or --beats_dtype bfloat16, not both")
-            if os.path.exists(config_path):
-                with open(config_path) as handle:
-                    existing = json.load(handle)
-                for setting in ("window_seconds", "hop_seconds"):
-                    value = getattr(args, setting)
-                    if value is not None and value != existing[setting]:
-                        parser.error(f"{args.library} cuts files with {setting} {existing[setting]}; --{setting} "
-                                     "applies to new libraries")  # fmt: skip
-                if args.fast_cpu and not existing.get("fast_cpu_encoder"):
-                    parser.error(f"{args.library} embeds with the exact encoder; --fast_cpu applies to new libraries")
-                if args.beats_dtype and args.beats_dtype != existing.get("beats_dtype", "float32"):
-                    parser.error(f"{args.library} runs BEATs in {existing.get('beats_dtype', 'float32')}; --beats_dtype "
-                                 "applies to new libraries")  # fmt: skip
-                if args.keep_tokens and not existing.get("keep_tokens"):
-                    parser.error(f"{args.library} was indexed without BEATs tokens; --keep_tokens applies to new "
-                                 "libraries (re-ranking there runs BEATs on the candidates)")  # fmt: skip
-                if args.captions and not existing.get("captions"):
-                    parser.error(f"{args.library} was indexed without captions; --captions applies to new libraries "
-                                 "(index into a new --library)")  # fmt: skip
-            if not args.model and not os.path.exists(config_path):
-                parser.error("a new library needs --model (a saved model folder or Hub id)")
-            if args.directory is not None and not os.path.isdir(args.directory):
-                raise NotADirectoryError(f"{os.path.abspath(args.directory)}: not a folder")
-            # Before a new library is made: a source that cannot be read leaves no library behind.
-            source = args.directory or open_dataset(args.hub_dataset, args.hub_split)
-            with state.main_process_first():  # the main process creates a new library; the others then open it
-                if os.path.exists(config_path):
-                    library = AudioLibrary.load(args.library, args.model, device)
-                    if args.model and model_reference(args.model) != library.config["model"] and state.is_main_process:
-                        library.record_model(args.model)  # its weights, found here now (e.g. a moved folder)
-                else:
-                    model, processor = load_model(args.model, device)
-                    windows = {name: getattr(args, name) for name in ("window_seconds", "hop_seconds")
-                               if getattr(args, name) is not None}  # else the library's defaults  # fmt: skip
-                    library = AudioLibrary(args.library, model, processor, args.model, create=True,
-                                           keep_tokens=args.keep_tokens, fast_cpu_encoder=args.fast_cpu,
-                                           captions=args.captions, beats_dtype=args.beats_dtype or "float32",
-                                           **windows)  # fmt: skip
-            report = library.index(source, args.batch_size, show_progress=state.is_main_process, state=state,
-                                   audio_column=args.hub_audio_column, dataset_name=args.hub_dataset)  # fmt: skip
-            who = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
-            where = f"under {args.directory}" if args.directory else f"in {args.hub_dataset} ({args.hub_split})"
-            # One write, newline included: the launch's processes share stdout, and unbuffered (PYTHONUNBUFFERED) print
-            # writes the newline apart, so their lines could run into each other.
-            sys.stdout.write(f"{args.library}: {who}{report['files']} audio files {where}: {report['embedded']} "
-                             f"embedded, {report['reused']} already indexed, {len(report['failed'])} unreadable\n")
-            sys.stdout.flush()
-            for failure in report["failed"]:
-                reason = failure["reason"].removeprefix(f"{failure['audio']}: ")  # most reasons start with the path
-                print(f"  skipped {failure['audio']}: {reason}")
-            if args.vector_index and state.is_main_process:
-                stored = len(library.vector_index(build=True))
-                live = sum(file["windows"] for file in library.stored_files())
-                stale = f" ({stored - live} more of files changed or gone: search skips them)" if stored > live else ""
-                print(f"Vector index: {live} windows{stale}")
-        elif args.command == "caption":
-            return _caption(args, parser)
-        elif args.command == "import":
-            device = _device(args.device)
-            library = AudioLibrary.from_dataset(args.dataset, args.library, args.model, device, args.hub_split)
-            files = library.stored_files()
-            print(f"{args.library}: {len(files)} files, {sum(f['windows'] for f in files)} windows with {args.dataset}; "
-                  "nothing embedded")  # fmt: skip
-        elif args.command == "export":
-            import tempfile
-
-            library = AudioLibrary.load(args.library, args.model, device="cpu")
-            if not library.live_keys():  # before OUT_DIR is made
-                raise ValueError(f"The library {args.library} holds no files yet: nothing to export.")
-            os.makedirs(args.output_dir, exist_ok=True)
-            # The Hub's layout for a split "train": `load_dataset(OUT_DIR)` and the dataset viewer find it.
-            path = os.path.join(args.output_dir, "data", "train-00000-of-00001.parquet")
-            with tempfile.TemporaryDirectory(dir=args.output_dir) as cache:  # the rows' Arrow copy, gone once written
-                dataset = library.to_dataset(cache_dir=cache)
-                dataset.to_parquet(path)
-                print(f"{path}: {len(dataset)} windows of {len(library.live_keys())} files, "
-                      f"{os.path.getsize(path) / len(dataset) / 1024:.1f} KiB per window")  # fmt: skip
-                if args.push_to_hub:
-                    dataset.push_to_hub(args.push_to_hub, private=args.private or None)
-                    print(f"Pushed to https://huggingface.co/datasets/{args.push_to_hub}")
-        else:
-            device = _device(args.device)
-            library = AudioLibrary.load(args.library, args.model, device=device)
-            if args.command == "search":
-                rerank = library.model.config.rerank_top_k if args.rerank == -1 else args.rerank
-                found = library.search(args.text, args.k, rerank, approximate=args.approximate)
-                for query, hits in zip(args.text, found):
-                    _print_hits(query, hits, args.json)
-            else:
-                _print_hits(args.file, library.similar(args.file, args.k), args.json)
+        return args.func(args, parser)
     except (FileNotFoundError, NotADirectoryError, ValueError, LibraryBusyError, LibraryDiskFullError) as error:
         print(f"audio-qformer: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 def console_main():

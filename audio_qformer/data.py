@@ -28,7 +28,8 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 from transformers.utils import logging
 
 from audio_io import AUDIO_EXTENSIONS
-from audio_qformer.store import audio_file_for, clip_key
+from audio_qformer.identity import clip_key
+from audio_qformer.store import audio_file_for
 
 
 logger = logging.get_logger(__name__)

@@ -286,11 +286,10 @@ Add sounds by indexing them where you have the model and pushing the folder agai
         library_dir = os.path.join(space_dir, SPACE_LIBRARY)
         target = os.path.join(library_dir, "sounds")
         shutil.copytree(sounds, target, dirs_exist_ok=True)
-        loaded, processor = load_model(model or model_id)
-        if os.path.exists(os.path.join(library_dir, "library.json")):
-            library = AudioLibrary(library_dir, loaded, processor)
-        else:
-            library = AudioLibrary(library_dir, loaded, processor, model_id, create=True, **BROWSING_LIBRARY)
+        # The Space's library records the Hub id, though its weights come from a local copy here.
+        new = not os.path.exists(os.path.join(library_dir, "library.json"))
+        library = AudioLibrary(library_dir, *load_model(model or model_id), model_id, create=True,
+                               **(BROWSING_LIBRARY if new else {}))  # fmt: skip
         library.index(target)
     written = []
     for folder, _, names in os.walk(space_dir):

@@ -1,79 +1,18 @@
 # Copyright 2026 The audio-qformer authors. Licensed under the Apache License, Version 2.0.
-"""An on-disk cache of BEATs tokens, computed once before training (as the report does), read memory-mapped.
+"""Keyed blocks of float16 vectors on disk, crash-safe and read memory-mapped (`ArrayStore`), and the atomic writes
+everything the project stores goes through.
 
-Layout: `root/<fingerprint>/` holds, per extracting process `r`, `shard-r.bin` (the tokens of its clips, float16,
-one `(tokens, hidden)` block after another) and `shard-r.jsonl` (one line per clip: key, offset, length), written in
-that order after each batch, so a killed run loses at most the batch in flight and resumes where it stopped: a block
-without its index line, or a torn last line, is cut off when the shard is opened again.
-
-The fingerprint hashes BEATs' weights and config and the feature extractor's settings, so another checkpoint never
-reads these tokens; a clip's key hashes its path, size and modification time (or its bytes), so an edited file is
-extracted again. `datasets.map` caching was not used because it restarts a killed map from scratch.
+Layout of a store's folder: per writing process `r`, `shard-r.bin` (one `(rows, hidden)` block after another) and
+`shard-r.jsonl` (one line per block: key, offset, length, metadata), written in that order, so a killed writer loses at
+most the block in flight: a block without its index line, or a torn last line, is cut off when the shard is opened.
 """
 
 import contextlib
 import hashlib
 import json
 import os
-import time
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-from transformers.utils import logging
-
-from audio_io import AudioLoadError, load_audio
-
-
-logger = logging.get_logger(__name__)
-
-
-# Config keys that say where a model came from or what wrote it, not what it computes: the same weights loaded from
-# another path, from a Hub id (as a Space loads them), built in memory or saved by another transformers keep their
-# identity.
-PROVENANCE_KEYS = frozenset({"_name_or_path", "_commit_hash", "transformers_version", "architectures", "auto_map",
-                             "dtype", "torch_dtype"})  # fmt: skip
-
-
-def _without_provenance(value):
-    if isinstance(value, dict):
-        return {k: _without_provenance(v) for k, v in value.items() if k not in PROVENANCE_KEYS}
-    return value
-
-
-def weights_fingerprint(model, *settings: str) -> str:
-    """
-    A hash of a model's config (less `PROVENANCE_KEYS`) and weights, and of any further settings (hex, 16 characters):
-    the identity under which token caches and sound libraries store what a model computed, so that other weights
-    never read them.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    config = _without_provenance(json.loads(model.config.to_json_string(use_diff=False)))
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    for setting in settings:
-        digest.update(setting.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def model_fingerprint(beats_model, feature_extractor) -> str:
-    """The token cache's identity: BEATs' config and weights and the feature extractor's settings."""
-    return weights_fingerprint(beats_model, feature_extractor.to_json_string())
-
-
-def clip_key(audio_path: str | None, audio_bytes: bytes | None = None) -> str:
-    """Cache key of a clip: its absolute path, size and modification time, or the hash of its encoded bytes."""
-    if audio_bytes is not None:
-        return "b:" + hashlib.blake2b(audio_bytes, digest_size=16).hexdigest()
-    path = os.path.abspath(audio_path)
-    try:
-        stat = os.stat(path)
-        signature = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    except OSError:
-        signature = f"{path}\0missing"
-    return "f:" + hashlib.blake2b(signature.encode(), digest_size=16).hexdigest()
 
 
 def audio_file_for(data: bytes, folder: str, name: str | None = None, write: bool = True) -> str:
@@ -104,7 +43,11 @@ def write_atomically(path: str, data: bytes):
     os.replace(path + ".partial", path)
 
 
-class FeatureCache:
+def write_json_atomically(path: str, value):
+    write_atomically(path, json.dumps(value, indent=1).encode())
+
+
+class ArrayStore:
     """
     Blocks of `(rows, hidden_size)` float16 vectors under string keys, stored once and read memory-mapped: BEATs
     tokens of many clips (training's cache, in a folder named by `model_fingerprint`), or a sound library's
@@ -300,114 +243,5 @@ class FeatureCache:
             self._append_offsets.pop(shard, None)
         self.reload()
 
-    @torch.no_grad()
-    def extract(
-        self,
-        clips: list[dict],
-        beats_model,
-        feature_extractor,
-        batch_size: int = 8,
-        process_index: int = 0,
-        num_processes: int = 1,
-        max_seconds: float = 60.0,
-        show_progress: bool = True,
-    ) -> list[dict]:
-        """
-        Compute and store the tokens of the `clips` (dicts with `key`, `audio_path`, `audio_bytes`) not yet cached.
 
-        With several processes, each takes every `num_processes`-th missing clip and writes its own shard; call
-        `reload()` once all are done. Clips longer than `max_seconds` are cut there (BEATs' attention is quadratic in
-        length; training crops to ~10 s anyway) and reported; no more than `max_seconds` + 1 s is decoded. Unreadable
-        clips (and clips whose tokens would not be finite) are skipped, recorded, and returned as
-        `{"key", "audio", "reason"}`; a failure is retried on the next run.
-        """
-        todo = [clip for clip in clips if clip["key"] not in self._entries]
-        todo = list({clip["key"]: clip for clip in todo}.values())[process_index::num_processes]
-        data_path, index_path = self._shard_paths(process_index)
-        offset = self._open_for_writing(process_index)
-
-        failures, truncated = [], []
-        max_samples = int(max_seconds * feature_extractor.sampling_rate)
-        device = next(beats_model.parameters()).device
-        progress = tqdm(total=len(todo), desc="Extracting BEATs features", unit="clip", disable=not show_progress)
-        with open(data_path, "ab") as data, open(index_path, "a") as index, open(
-            os.path.join(self.directory, f"failures-{process_index}.jsonl"), "a"
-        ) as failure_log:
-            for start in range(0, len(todo), batch_size):
-                batch, waveforms = [], []
-                for clip in todo[start : start + batch_size]:
-                    try:
-                        # A second more than is kept is read, so a longer clip is seen as longer (and reported).
-                        waveform = load_audio(
-                            clip.get("audio_path") or None, clip.get("audio_bytes"), max_seconds=max_seconds + 1
-                        )
-                    except AudioLoadError as error:
-                        failure = {"key": clip["key"], "audio": clip.get("audio_path") or "<bytes>", "reason": str(error)}
-                        failures.append(failure)
-                        failure_log.write(json.dumps(failure) + "\n")
-                        continue
-                    if waveform.shape[0] > max_samples:
-                        truncated.append(clip.get("audio_path") or "<bytes>")
-                        waveform = waveform[:max_samples]
-                    batch.append(clip)
-                    waveforms.append(waveform)
-                if batch:
-                    inputs = feature_extractor(waveforms, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt")
-                    outputs = beats_model(**inputs.to(device))
-                    hidden = outputs.last_hidden_state.to(torch.float16).cpu().numpy()
-                    lengths = outputs.audio_attention_mask.sum(-1).tolist()
-                    lines = []
-                    for clip, states, length in zip(batch, hidden, lengths):
-                        if not np.isfinite(states[:length]).all():  # float16 overflow or a broken model: not stored
-                            audio = clip.get("audio_path") or "<bytes>"
-                            failure = {"key": clip["key"], "audio": audio, "reason": f"{audio}: non-finite tokens"}
-                            failures.append(failure)
-                            failure_log.write(json.dumps(failure) + "\n")
-                            continue
-                        data.write(np.ascontiguousarray(states[:length]).tobytes())
-                        lines.append(json.dumps({"key": clip["key"], "offset": offset, "length": length}) + "\n")
-                        offset += length
-                    data.flush()
-                    os.fsync(data.fileno())
-                    index.writelines(lines)  # only after the tokens are on disk
-                    index.flush()
-                failure_log.flush()
-                progress.update(len(todo[start : start + batch_size]))
-        progress.close()
-        if truncated:
-            logger.warning(f"{len(truncated)} clip(s) longer than {max_seconds:.0f} s were cut: {truncated[:5]}")
-        if failures:
-            shown = "; ".join(f"{f['audio']} ({f['reason']})" for f in failures[:5])
-            logger.warning(f"{len(failures)} clip(s) could not be read and were skipped: {shown}")
-        self.reload()
-        return failures
-
-
-def build_cache(
-    root: str, clips: list[dict], beats_model, feature_extractor, accelerator=None, batch_size: int = 8, **kwargs
-) -> tuple[FeatureCache, list[dict], float]:
-    """
-    Extract (or reuse) the tokens of `clips` into the cache for this BEATs, sharing the work between the processes
-    of `accelerator` if given. Returns the cache, the failures (all processes) and the seconds spent.
-    """
-    started = time.perf_counter()
-    fingerprint = model_fingerprint(beats_model, feature_extractor)
-    cache = FeatureCache(root, fingerprint, beats_model.config.hidden_size)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    kwargs.setdefault("show_progress", accelerator.is_local_main_process if accelerator else True)
-    cache.extract(clips, beats_model, feature_extractor, batch_size, rank, world, **kwargs)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    cache.reload()
-    failures = [
-        {"key": clip["key"], "audio": clip.get("audio_path") or "<bytes>", "reason": cache.failure(clip["key"])}
-        for clip in {clip["key"]: clip for clip in clips}.values()
-        if clip["key"] not in cache
-    ]
-    return cache, failures, time.perf_counter() - started
-
-
-
-
-
-__all__ = ["FeatureCache", "audio_file_for", "build_cache", "clip_key", "model_fingerprint", "weights_fingerprint", "write_atomically"]
+__all__ = ["ArrayStore", "audio_file_for", "write_atomically", "write_json_atomically"]

@@ -38,13 +38,14 @@ def random_model(directory: str) -> str:
     from transformers import AutoTokenizer
 
     from configuration_audio_qformer import BeatsConfig
-    from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint, from_components
+    from modeling_audio_qformer import AudioQFormerModel
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
     from train import DEMO_BEATS, PRESETS
 
     torch.manual_seed(0)
     demo = PRESETS["demo"]
-    model = AudioQFormerModel.from_components(BeatsConfig(**DEMO_BEATS), num_query_tokens=demo["num_query_tokens"],
+    model = from_components(BeatsConfig(**DEMO_BEATS), num_query_tokens=demo["num_query_tokens"],
                                               num_qformer_layers=demo["num_qformer_layers"])  # fmt: skip
     model.save_pretrained(directory)
     AudioQFormerProcessor(BeatsFeatureExtractor(), AutoTokenizer.from_pretrained(default_bert_checkpoint())).save_pretrained(directory)

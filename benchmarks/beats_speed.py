@@ -18,7 +18,7 @@ the same fbank through `extract_features`. All sides run under `torch.inference_
 
 Accuracy: the largest absolute difference between ours and the official output; the per-token cosine similarity of
 the fast copy's tokens to the exact ones; and, unless `--skip_qformer`, the cosine of the Q-Former's audio embeddings
-(`AudioQFormerModel.from_components` with this encoder and the packaged MiniLM, random cross-attention) computed from
+(`audio_qformer.building.from_components` with this encoder and the packaged MiniLM, random cross-attention) computed from
 the fast tokens against those computed from the exact tokens. `--baseline_rev` also times `BeatsModel` as it was at
 that git revision (e.g. the commit before an optimisation), and its fast copy where it had one
 (`BeatsModel.quantize_for_cpu` before the copies moved to `beats_cpu`), for before/after ratios.
@@ -64,6 +64,7 @@ from compare_beats_official import official_cfg, test_waveforms  # noqa: E402
 from audio_qformer import beats_cpu  # noqa: E402
 from audio_qformer.beats_cpu import choose_fast_precision, cpu_copy, product_speedup  # noqa: E402
 from configuration_audio_qformer import BeatsConfig  # noqa: E402
+from audio_qformer.building import from_components
 from modeling_audio_qformer import AudioQFormerModel, BeatsModel  # noqa: E402
 from official_beats import (  # noqa: E402
     build_official_model,
@@ -300,7 +301,7 @@ def qformer_cosines(ours: BeatsModel, exact_tokens, token_mask, compared: dict) 
     """For each copy's tokens in `compared`: the Q-Former's audio embeddings from them against those from the exact."""
     try:
         torch.manual_seed(0)
-        model = AudioQFormerModel.from_components(ours).eval()
+        model = from_components(ours).eval()
     except ImportError as error:  # the packaged MiniLM is missing
         return {"skipped": str(error)}
     with torch.inference_mode():

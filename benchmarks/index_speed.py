@@ -56,7 +56,8 @@ def main(argv=None):
     from audio_io import load_audio
     from audio_qformer.library import AudioLibrary
     from configuration_audio_qformer import AudioQFormerConfig
-    from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
+    from modeling_audio_qformer import AudioQFormerModel
+    from audio_qformer.building import default_bert_checkpoint
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 
     torch.manual_seed(0)

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_utils import interleaved_timing, machine_info, median, print_machine, print_table  # noqa: E402
 from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
-from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint  # noqa: E402
+from modeling_audio_qformer import AudioQFormerModel  # noqa: E402
+from audio_qformer.building import default_bert_checkpoint  # noqa: E402
 from rerank_speed import CONFIGS  # noqa: E402
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from audio_qformer.library import load_model  # noqa: E402
 from audio_qformer.data import load_audiofolder, with_cache_keys  # noqa: E402
-from audio_qformer.store import build_cache  # noqa: E402
+from audio_qformer.features import build_cache  # noqa: E402
 from modeling_audio_qformer import max_over_queries, sample_hard_negatives  # noqa: E402
 from audio_qformer.ranking_metrics import rank_items  # noqa: E402
 from audio_qformer.retrieval import embed_cached_audio, embed_texts, group_by_clip, rerank_with_matching_head, tokenize_texts  # noqa: E402

@@ -12,7 +12,7 @@ generated once and reused, like the saved indexes. Queries are `noisy_queries`: 
 plus as much noise again (cosine ~0.71). `--isotropic_sizes` repeats the measurement on uniformly random vectors,
 the worst case for any approximate index.
 
-Text encoding is timed on the real model architecture (`AudioQFormerModel.from_components` with the packaged
+Text encoding is timed on the real model architecture (`audio_qformer.building.from_components` with the packaged
 MiniLM-L6 Q-Former, 32 query tokens, 256-d embeddings; a tiny random BEATs, which the text path never runs) on one
 caption per query, separately, and added to each query's search time: the library is synthetic, so the vector
 searched is the synthetic query, not the caption's embedding. The machine is shared: every latency loop is repeated
@@ -185,13 +185,14 @@ def text_encoder(bert: str | None):
     from transformers import AutoTokenizer
 
     from configuration_audio_qformer import BeatsConfig
-    from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint, from_components
+    from modeling_audio_qformer import AudioQFormerModel
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
     from audio_qformer.retrieval import tokenize_texts
 
     tiny_beats = BeatsConfig(embed_dim=24, encoder_layers=1, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
                              encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)  # fmt: skip
-    model = AudioQFormerModel.from_components(
+    model = from_components(
         tiny_beats, bert, num_query_tokens=NUM_QUERY_TOKENS, embed_dim=EMBED_DIM
     ).eval()
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), AutoTokenizer.from_pretrained(bert or default_bert_checkpoint()))

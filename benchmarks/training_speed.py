@@ -26,7 +26,8 @@ sys.path.insert(0, ROOT)
 from bench_utils import interleaved_timing, machine_info, median, print_machine, print_table  # noqa: E402
 from audio_io import load_audio  # noqa: E402
 from configuration_audio_qformer import AudioQFormerConfig  # noqa: E402
-from audio_qformer.store import build_cache, clip_key  # noqa: E402
+from audio_qformer.features import build_cache  # noqa: E402
+from audio_qformer.identity import clip_key  # noqa: E402
 from train import crop_tokens  # noqa: E402
 from modeling_audio_qformer import AudioQFormerModel  # noqa: E402
 from processing_audio_qformer import BeatsFeatureExtractor  # noqa: E402

@@ -79,7 +79,7 @@ def tiny_qformer_config(**overrides):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from modeling_audio_qformer import default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint
     from processing_audio_qformer import add_decoder_token
 
     return add_decoder_token(AutoTokenizer.from_pretrained(default_bert_checkpoint()))

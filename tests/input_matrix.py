@@ -389,7 +389,7 @@ class Context:
         def build():
             from transformers import AutoTokenizer
 
-            from modeling_audio_qformer import default_bert_checkpoint
+            from audio_qformer.building import default_bert_checkpoint
             from processing_audio_qformer import AudioQFormerProcessor
 
             return AudioQFormerProcessor(self.extractor, AutoTokenizer.from_pretrained(default_bert_checkpoint()))
@@ -602,13 +602,14 @@ def batch_outcome(
 
 def build_cache_entry(context: Context, path: str) -> Outcome:
     """`build_cache` on the input alone (one shared cache directory, so a good clip is never extracted twice)."""
-    from audio_qformer.store import build_cache, clip_key
+    from audio_qformer.features import build_cache
+    from audio_qformer.identity import clip_key
 
     key = clip_key(path)
     clips = [{"key": key, "audio_path": path, "audio_bytes": None}]
     root = os.path.join(context.directory, "feature cache")
     try:
-        with _Warnings("audio_qformer.store", "audio_io") as warned, _Measure() as measure:
+        with _Warnings("audio_qformer.features", "audio_io") as warned, _Measure() as measure:
             cache, failures, _ = build_cache(root, clips, context.beats, context.extractor, show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
         return Outcome("error", f"crashed: {type(error).__name__}", str(error), type(error))
@@ -636,7 +637,7 @@ def _check_tokens(case: AudioCase, outcome: Outcome, context: Context) -> list[s
 
 def cli_index_entry(context: Context, path: str) -> Outcome:
     """`audio-qformer index DIR` (`AudioLibrary.index`) on the input's folder, into one shared library."""
-    from audio_qformer.store import clip_key
+    from audio_qformer.identity import clip_key
 
     if not os.path.exists(path):
         return Outcome("n/a", "a folder scan only sees files that exist")

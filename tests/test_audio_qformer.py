@@ -15,12 +15,12 @@ from conftest import ROOT, TINY_BEATS, make_waveform, tiny_qformer_config
 from safetensors.torch import save_file
 
 from configuration_audio_qformer import AudioQFormerConfig, BeatsConfig
+from audio_qformer.building import bert_state_dict_to_qformer, from_components
 from modeling_audio_qformer import (
     AudioQFormerModel,
     atc_loss,
     atg_loss,
     atm_loss,
-    bert_state_dict_to_qformer,
     contrastive_logits,
     max_over_queries,
     sample_hard_negatives,
@@ -360,7 +360,7 @@ def test_config_defaults_are_the_paper_architecture():
 def test_processor_adds_decoder_token_and_batches(tokenizer):
     from transformers import AutoTokenizer
 
-    from modeling_audio_qformer import default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint
 
     plain = AutoTokenizer.from_pretrained(default_bert_checkpoint())
     assert "[DEC]" not in plain.get_vocab()
@@ -384,9 +384,9 @@ def test_processor_adds_decoder_token_and_batches(tokenizer):
 def test_from_components_loads_every_bert_weight(tiny_beats_config):
     from transformers import BertModel
 
-    from modeling_audio_qformer import default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint
 
-    model, info = AudioQFormerModel.from_components(tiny_beats_config, output_loading_info=True)
+    model, info = from_components(tiny_beats_config, output_loading_info=True)
     bert = BertModel.from_pretrained(default_bert_checkpoint()).eval()
     assert model.config.qformer_config.hidden_size == 384 and model.config.qformer_config.num_hidden_layers == 6
     assert model.config.qformer_config.encoder_hidden_size == tiny_beats_config.encoder_embed_dim
@@ -424,7 +424,7 @@ def test_from_components_loads_every_bert_weight(tiny_beats_config):
 def test_from_components_with_mlm_head_and_official_beats(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    from modeling_audio_qformer import default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint
     from processing_audio_qformer import add_decoder_token
 
     torch.manual_seed(0)
@@ -433,7 +433,7 @@ def test_from_components_with_mlm_head_and_official_beats(tmp_path):
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(default_bert_checkpoint()).save_pretrained(tmp_path / "bert")
-    model, info = AudioQFormerModel.from_components(
+    model, info = from_components(
         os.path.join(ROOT, "tests", "fixtures", "beats_tiny_official.pt"), str(tmp_path / "bert"),
         output_loading_info=True, num_query_tokens=8,
     )  # fmt: skip
@@ -454,11 +454,11 @@ def test_from_components_with_mlm_head_and_official_beats(tmp_path):
 def saved_model(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from modeling_audio_qformer import default_bert_checkpoint
+    from audio_qformer.building import default_bert_checkpoint
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("saved") / "audio-qformer-tiny"
-    model = AudioQFormerModel.from_components(BeatsConfig(**TINY_BEATS), num_query_tokens=4).eval()
+    model = from_components(BeatsConfig(**TINY_BEATS), num_query_tokens=4).eval()
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), AutoTokenizer.from_pretrained(default_bert_checkpoint()))
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

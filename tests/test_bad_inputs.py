@@ -29,7 +29,8 @@ from input_matrix import (
 from audio_io import load_audio
 from audio_qformer.data import load_hub_dataset
 from configuration_audio_qformer import BeatsConfig
-from audio_qformer.store import FeatureCache, build_cache, clip_key
+from audio_qformer.features import FeatureCache, build_cache
+from audio_qformer.identity import clip_key
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import BeatsFeatureExtractor
 
@@ -129,7 +130,7 @@ def _install_kill_point(event: str, count: int):
     """
     import builtins
 
-    from audio_qformer import store as feature_cache
+    from audio_qformer import features, store
 
     seen = 0
 
@@ -180,10 +181,10 @@ def _install_kill_point(event: str, count: int):
         }.get((name.rsplit(".", 1)[-1], mode))  # fmt: skip
         return Killable(handle, what) if name.startswith("shard-") and what else handle
 
-    feature_cache.open = killable_open
+    features.open = store.open = killable_open  # extraction writes in `features`, the index rewrite in `store`
     if event == "decode":
-        load = feature_cache.load_audio
-        feature_cache.load_audio = lambda *args, **kwargs: hit() or load(*args, **kwargs)
+        load = features.load_audio
+        features.load_audio = lambda *args, **kwargs: hit() or load(*args, **kwargs)
     if event == "fsync":
         fsync = os.fsync
 

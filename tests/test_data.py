@@ -20,7 +20,8 @@ from audio_qformer.data import (
     split_by_clip,
 )
 from configuration_audio_qformer import BeatsConfig
-from audio_qformer.store import FeatureCache, build_cache, clip_key, model_fingerprint
+from audio_qformer.features import FeatureCache, build_cache, model_fingerprint
+from audio_qformer.identity import clip_key
 from modeling_audio_qformer import BeatsModel
 from processing_audio_qformer import BeatsFeatureExtractor
 from train import crop_tokens

@@ -20,8 +20,8 @@ ENDPOINT_FILES = ("handler.py", "audio_io.py")
 
 
 def project_modules() -> set[str]:
-    """Every importable module of this repository (top-level .py files)."""
-    return {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")}
+    """Every importable module of this repository: its top-level .py files and its package."""
+    return {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")} | {"audio_qformer"}
 
 
 def test_shipped_files_use_public_torch_and_import_only_each_other():
@@ -47,11 +47,15 @@ def saved_tiny_model(directory):
     """A tiny model and its processor, saved to `directory` (weights, config, tokenizer and the three code files)."""
     from transformers import AutoTokenizer
 
-    from modeling_audio_qformer import AudioQFormerModel, default_bert_checkpoint
+    from audio_qformer.building import from_components
+
+    from modeling_audio_qformer import AudioQFormerModel
+
+    from audio_qformer.building import default_bert_checkpoint
     from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
 
     torch.manual_seed(0)
-    model = AudioQFormerModel.from_components(BeatsConfig(**TINY_BEATS), num_query_tokens=4).eval()
+    model = from_components(BeatsConfig(**TINY_BEATS), num_query_tokens=4).eval()
     processor = AudioQFormerProcessor(BeatsFeatureExtractor(), AutoTokenizer.from_pretrained(default_bert_checkpoint()))
     model.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -164,9 +164,9 @@ class FileOnSimulatedDisk:
 def test_appending_again_after_a_full_disk_stores_each_entry_once_where_its_index_says(room, tmp_path, monkeypatch):
     """A write that failed half-way and the same items appended again once there is room: what was cut is cut off
     rather than appended after, and an entry written whole is not stored twice."""
-    from audio_qformer.store import FeatureCache
+    from audio_qformer.store import ArrayStore
 
-    cache = FeatureCache(str(tmp_path), "store", 4)
+    cache = ArrayStore(str(tmp_path), "store", 4)
     blocks = [(f"k{i}", np.full((i + 1, 4), i, np.float16), {"n": i}) for i in range(3)]
     cache.append(blocks[:1])
     k1_line = len(json.dumps({"n": 1, "key": "k1", "offset": 1, "length": 2})) + 1
@@ -176,9 +176,9 @@ def test_appending_again_after_a_full_disk_stores_each_entry_once_where_its_inde
     with pytest.raises(OSError, match="No space left"):
         cache.append(blocks[1:])
     monkeypatch.setattr(builtins, "open", SimulatedDisk.real_open)
-    assert FeatureCache(str(tmp_path), "store", 4).keys() == ["k0", "k1"][: 1 + (room != "half of a block")]
+    assert ArrayStore(str(tmp_path), "store", 4).keys() == ["k0", "k1"][: 1 + (room != "half of a block")]
     cache.append(blocks[1:])
-    reopened = FeatureCache(str(tmp_path), "store", 4)
+    reopened = ArrayStore(str(tmp_path), "store", 4)
     for view in (cache, reopened):
         assert view.keys() == ["k0", "k1", "k2"] and view.shard_array(0).shape == (6, 4)  # 1 + 2 + 3 rows, none twice
         for key, block, extra in blocks:
@@ -332,7 +332,7 @@ def test_a_library_opened_while_a_run_finishes_lists_only_files_it_found_stored(
     import accelerate.utils
 
     from audio_qformer import library as audio_library
-    from audio_qformer.store import FeatureCache
+    from audio_qformer.store import ArrayStore
 
     model, processor = load_model(saved_model)
     library_dir = str(tmp_path / "lib")
@@ -346,7 +346,7 @@ def test_a_library_opened_while_a_run_finishes_lists_only_files_it_found_stored(
 
     rerun = AudioLibrary(library_dir, model, processor)
 
-    class RerunFinishesMeanwhile(FeatureCache):  # the rerun consolidates and lists the files once the search has
+    class RerunFinishesMeanwhile(ArrayStore):  # the rerun consolidates and lists the files once the search has
         finished = False  # read the stored embeddings
 
         def __init__(self, root, name, hidden_size):
@@ -355,7 +355,7 @@ def test_a_library_opened_while_a_run_finishes_lists_only_files_it_found_stored(
                 RerunFinishesMeanwhile.finished = True
                 rerun.index(str(many_sounds), show_progress=False)
 
-    monkeypatch.setattr(audio_library, "FeatureCache", RerunFinishesMeanwhile)
+    monkeypatch.setattr(audio_library, "ArrayStore", RerunFinishesMeanwhile)
     searching = AudioLibrary(library_dir, model, processor)
     assert RerunFinishesMeanwhile.finished
     assert len(searching.search(["a tone"], k=30)[0]) == 6  # the library as it was listed when opened

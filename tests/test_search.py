@@ -13,7 +13,8 @@ from conftest import make_waveform, tiny_qformer_config
 
 from audio_qformer import beats_cpu
 from audio_io import window_starts
-from audio_qformer.library import AudioLibrary, balanced_shares, load_model
+from audio_qformer.indexing import balanced_shares
+from audio_qformer.library import AudioLibrary, load_model
 from audio_qformer.cli import main
 from modeling_audio_qformer import AudioQFormerModel, max_over_queries
 from processing_audio_qformer import AudioQFormerProcessor, BeatsFeatureExtractor
@@ -489,9 +490,9 @@ def test_two_processes_index_as_one(saved_model, sounds, tmp_path):
 
 
 def test_consolidate_moves_shards_into_the_first_once(tmp_path):
-    from audio_qformer.store import FeatureCache
+    from audio_qformer.store import ArrayStore
 
-    cache = FeatureCache(str(tmp_path), "store", 4)
+    cache = ArrayStore(str(tmp_path), "store", 4)
     blocks = {f"k{i}": np.full((i + 1, 4), i, np.float16) for i in range(5)}
     cache.append([("k0", blocks["k0"], {"n": 0})], shard=0)
     cache.append([("k1", blocks["k1"], {"n": 1}), ("k2", blocks["k2"], {"n": 2})], shard=1)
@@ -503,7 +504,7 @@ def test_consolidate_moves_shards_into_the_first_once(tmp_path):
     shutil.copy(tmp_path / "keep.jsonl", tmp_path / "store" / "shard-1.jsonl")
     shutil.copy(tmp_path / "keep.bin", tmp_path / "store" / "shard-1.bin")
     cache.consolidate()
-    reopened = FeatureCache(str(tmp_path), "store", 4)
+    reopened = ArrayStore(str(tmp_path), "store", 4)
     assert sorted(os.listdir(tmp_path / "store")) == ["shard-0.bin", "shard-0.jsonl"]
     assert reopened.shard_array(0).shape == (15, 4)  # 1 + 2 + 3 + 4 + 5 rows, none twice
     for key, block in blocks.items():
