@@ -33,14 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from audio_qformer.vector_search import (  # noqa: E402
-    ApproximateAudioIndex,
-    candidate_clips,
-    clustered_embeddings,
-    exact_search,
-    isotropic_embeddings,
-    noisy_queries,
-)
+from audio_qformer.synthetic_embeddings import clustered_embeddings, isotropic_embeddings, noisy_queries  # noqa: E402
+from audio_qformer.vector_search import ApproximateAudioIndex, candidate_clips, exact_search  # noqa: E402
 
 
 NUM_QUERY_TOKENS, EMBED_DIM, K = 32, 256, 10

@@ -570,7 +570,7 @@ def loader_entry(context: Context, path: str) -> Outcome:
     _companion(directory)
     _write_metadata(directory, [[os.path.basename(path), "the input"], ["companion clip.wav", "a good clip"]])
     try:
-        with _Warnings("audio_qformer.data") as warned:
+        with _Warnings("audio_qformer") as warned:
             dataset, skipped = load_audiofolder(directory)
     except Exception as error:
         return _error_outcome(error)
@@ -609,7 +609,7 @@ def build_cache_entry(context: Context, path: str) -> Outcome:
     clips = [{"key": key, "audio_path": path, "audio_bytes": None}]
     root = os.path.join(context.directory, "feature cache")
     try:
-        with _Warnings("audio_qformer.features", "audio_io") as warned, _Measure() as measure:
+        with _Warnings("audio_qformer", "audio_io") as warned, _Measure() as measure:
             cache, failures, _ = build_cache(root, clips, context.beats, context.extractor, show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
         return Outcome("error", f"crashed: {type(error).__name__}", str(error), type(error))
@@ -643,7 +643,7 @@ def cli_index_entry(context: Context, path: str) -> Outcome:
         return Outcome("n/a", "a folder scan only sees files that exist")
     key = clip_key(path)
     try:
-        with _Warnings("audio_qformer.library", "audio_io") as warned, _Measure() as measure:
+        with _Warnings("audio_qformer", "audio_io") as warned, _Measure() as measure:
             library = context.library
             report = library.index(os.path.dirname(path), show_progress=False)
     except Exception as error:  # a batch job must never raise for one bad input
@@ -699,7 +699,7 @@ def caption_loader_entry(context: Context, text: str) -> Outcome:
     _companion(directory)
     _write_metadata(directory, [["input.wav", text], ["companion clip.wav", "a good clip"]])
     try:
-        with _Warnings("audio_qformer.data") as warned:
+        with _Warnings("audio_qformer") as warned:
             dataset, skipped = load_audiofolder(directory)
     except Exception as error:
         return _error_outcome(error)

@@ -5,15 +5,8 @@ import pytest
 import torch
 
 from modeling_audio_qformer import max_over_queries
-from audio_qformer.vector_search import (
-    ApproximateAudioIndex,
-    ClipStore,
-    clustered_embeddings,
-    exact_scores,
-    exact_search,
-    import_faiss,
-    noisy_queries,
-)
+from audio_qformer.synthetic_embeddings import clustered_embeddings, noisy_queries
+from audio_qformer.vector_search import ApproximateAudioIndex, ClipStore, exact_scores, exact_search, import_faiss
 
 
 def brute_force(queries, audio, k):
