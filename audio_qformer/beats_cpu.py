@@ -30,11 +30,8 @@ few milliseconds, once per process). Otherwise, or without AVX2, the exact float
 
 `keep_freed_memory()` sets the C allocator up for BEATs' large blocks (process-wide; `audio-qformer index` calls it).
 
-Measured (`benchmarks/beats_speed.py`, `benchmarks/RESULTS.md`; random paper-size weights, 10 s clips): on a Xeon with
-AMX (one thread), bfloat16 ran 3.1x / 2.5x the exact copy at batch 1 / 8 and int8 1.75x / 1.68x; on an AMD Zen 4 (two
-threads) int8 1.91x / 2.17x and bfloat16 1.82x / 1.86x, and with it capped at AVX2 (`--emulate_avx2`) int8
-1.44-1.59x. Q-Former embeddings from the tokens against those from the exact tokens: cosine 0.9999996 (bfloat16) and
-0.999998 (int8).
+The speed of each copy against the exact one, per CPU, is measured by `benchmarks/beats_speed.py` and recorded in
+`benchmarks/RESULTS.md`; the fast copies' Q-Former embeddings stay within a cosine of 0.99999 of the exact ones.
 """
 import copy
 import ctypes

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--keep_tokens", action="store_true",
                        help="New library: also store each window's BEATs tokens (about 46 times the embeddings' disk), "
                             "so that --rerank needs no decoding and no BEATs.")
-    index.add_argument("--no_tokens", action="store_true", help=argparse.SUPPRESS)  # the default since 2026-12-01
+    index.add_argument("--no_tokens", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     index.add_argument("--window_seconds", type=float,
                        help=f"New library: seconds of audio per embedded window (default: {WINDOW_SECONDS}, BEATs' 512 "
                             "fbank frames' worth); longer files are cut into windows.")  # fmt: skip

@@ -124,8 +124,8 @@ class AudioLibrary:
                 raise ValueError(
                     f"The library {directory} was built with another model ({self.config.get('model')}, identity "
                     f"{self.config['model_identity']}); this model's identity is {identity}. Use that model, or "
-                    "index into a new --library (libraries made before 2026-12-01 computed identities from the "
-                    "model's path too: index those again)."
+                    "index into a new --library (libraries of the first format computed identities from the model's "
+                    "path too: index those again)."
                 )
             for setting, value in given.items():
                 stored = self.config.get(setting, SETTINGS[setting])

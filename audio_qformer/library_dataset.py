@@ -46,7 +46,7 @@ def library_features(num_query_tokens: int, embed_dim: int):
             "hop_seconds": Value("float64"),
             "caption": Value("string"),  # the file's caption in a library indexed with captions, else null (optional)
             # How BEATs ran (`index --beats_dtype`, `--fast_cpu`), so that files indexed into the imported library
-            # are embedded alike. Optional: exports made before 2026-12-01 lack them (float32, exact).
+            # are embedded alike. Optional: older exports lack them (float32, exact).
             "beats_dtype": Value("string"),
             "fast_cpu_encoder": Value("bool"),
         }

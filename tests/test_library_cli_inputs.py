@@ -149,3 +149,23 @@ def test_import_keeps_the_entries_a_library_has(saved_model, sounds, tmp_path, c
     library = AudioLibrary.load(lib)
     assert {f["path"]: f for f in library.stored_files()} == before
     assert changed in library.live_keys()  # the new embeddings, not the export's stale ones
+
+
+def test_open_is_the_one_way_in_and_refuses_other_settings(saved_model, tmp_path):  # noqa: F811
+    from audio_qformer.library import LibrarySettingError
+
+    lib = str(tmp_path / "lib")
+    with pytest.raises(FileNotFoundError, match="No audio library at"):
+        AudioLibrary.open(lib)
+    with pytest.raises(ValueError, match="needs a model"):
+        AudioLibrary.open(lib, create=True)
+    made = AudioLibrary.open(lib, saved_model, create=True, window_seconds=4.0, hop_seconds=2.0, captions=True)
+    assert (made.config["window_seconds"], made.config["hop_seconds"], made.config["captions"]) == (4.0, 2.0, True)
+    again = AudioLibrary.open(lib)  # its recorded model, its own settings
+    assert again.config == made.config
+    for setting, value in (("window_seconds", 10.24), ("captions", False), ("keep_tokens", True), ("beats_dtype", "bfloat16")):
+        with pytest.raises(LibrarySettingError, match=f"created with {setting}="):
+            AudioLibrary.open(lib, create=True, **{setting: value})
+        with pytest.raises(LibrarySettingError):  # the constructor, as the app and the Space builder call it
+            AudioLibrary(lib, *load_model(saved_model), **{setting: value})
+    assert AudioLibrary.open(lib, window_seconds=4.0, captions=True).config == made.config  # the same: accepted
