@@ -156,16 +156,12 @@ Next steps
     audio-qformer --library my-library search "a dog barks while cars pass by" -k 10 --rerank 16
     audio-qformer --library my-library similar /path/to/sounds/example.wav
     audio-qformer caption /path/to/sounds/example.wav --model {model_dir}
-  Train the report's system (official BEATs checkpoint, bert-base-uncased; AudioCaps + Clotho):
-    python convert_beats_checkpoint.py --checkpoint BEATs_iter3_plus_AS2M.pt --output_dir beats-iter3-plus
-    accelerate launch train.py --preset stage1 --beats_checkpoint beats-iter3-plus --bert bert-base-uncased \\
-        --clotho_root clotho --audiocaps_csv audiocaps/train.csv audiocaps/val.csv --audiocaps_audio_dir audiocaps/audio \\
-        --output_dir outputs/stage1
-    accelerate launch train.py --preset stage2 --clotho_root clotho --clotho_train_splits development \\
-        --init_from outputs/stage1 --output_dir outputs/stage2
-    python evaluate_retrieval.py --model outputs/stage2 --clotho_root clotho --clotho_split evaluation
-  Publish: add --push_to_hub --hub_model_id you/audio-qformer (and --push_space you/audio-qformer-search) to the
-  training command.
+  The report's Table 1 (official BEATs checkpoint, bert-base-uncased; AudioCaps + Clotho; docs/paper.md):
+    python reproduce_report.py --clotho_root clotho --audiocaps_csv audiocaps/train.csv audiocaps/val.csv \\
+        --audiocaps_audio_dir audiocaps/audio --beats_checkpoint BEATs_iter3_plus_AS2M.pt --bert bert-base-uncased \\
+        --num_processes 4 --output_dir outputs/report
+  Publish: add --push_to_hub --hub_model_id you/audio-qformer (and --push_space you/audio-qformer-search) to a
+  train.py command.
 
 Open the app on this model and library (Search, Similar, Describe, Classify; pip install -e ".[app]" first if gradio
 is missing):
