@@ -160,6 +160,7 @@ Next steps
     python reproduce_report.py --clotho_root clotho --audiocaps_csv audiocaps/train.csv audiocaps/val.csv \\
         --audiocaps_audio_dir audiocaps/audio --beats_checkpoint BEATs_iter3_plus_AS2M.pt --bert bert-base-uncased \\
         --num_processes 4 --output_dir outputs/report
+    (it runs accelerate launch train.py --preset stage1, then --preset stage2, then both evaluations)
   Publish: add --push_to_hub --hub_model_id you/audio-qformer (and --push_space you/audio-qformer-search) to a
   train.py command.
 
