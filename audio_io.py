@@ -114,6 +114,23 @@ def load_audio(
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def resampled(waveform, sampling_rate: int, target: int = SAMPLING_RATE) -> np.ndarray:
+    """
+    A decoded clip (`(samples,)` or `(samples, channels)`, any rate) as mono float32 at `target`, as `load_audio`
+    makes a file's (channels averaged, soxr's high quality): for audio that arrives decoded, e.g. from a dataset.
+    """
+    import soxr
+
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim == 2:
+        waveform = waveform[:, 0] if waveform.shape[1] == 1 else waveform.mean(axis=1)
+    if waveform.ndim != 1 or waveform.size == 0:
+        raise ValueError(f"Expected a non-empty waveform of shape (samples,) or (samples, channels); got {waveform.shape}.")
+    if sampling_rate != target:
+        waveform = soxr.resample(waveform, sampling_rate, target, quality="HQ").astype(np.float32)
+    return waveform
+
+
 def audio_files(directory: str) -> list[str]:
     """Every audio file under `directory` (recursively), sorted."""
     found = glob.glob(os.path.join(glob.escape(directory), "**", "*"), recursive=True)
@@ -122,5 +139,5 @@ def audio_files(directory: str) -> list[str]:
 
 __all__ = [
     "AUDIO_EXTENSIONS", "AudioLoadError", "CAPTION_WHOLE_SECONDS", "HOP_SECONDS", "SAMPLING_RATE", "WINDOW_SECONDS",
-    "audio_files", "caption_spans", "load_audio", "window_starts",
+    "audio_files", "caption_spans", "load_audio", "resampled", "window_starts",
 ]  # fmt: skip

@@ -35,6 +35,9 @@ setup(
         "app": ["gradio>=6.17"],
         # The approximate vector index for large sound libraries (`audio-qformer index --vector_index`).
         "index": ["faiss-cpu>=1.9"],
+        # mteb's evaluator (`audio-qformer mteb`, `audio_qformer.mteb_encoder`). Its Hub tasks decode audio columns with
+        # datasets' torchcodec decoder (pip install torchcodec, and FFmpeg); torchaudio is not needed.
+        "mteb": ["mteb>=2.26,<3"],
         "test": [
             "accelerate>=1.1",
             "datasets>=4",
@@ -44,6 +47,7 @@ setup(
             "kaldi-native-fbank>=1.20",  # an independent Kaldi fbank implementation to test against
             "faiss-cpu>=1.9",
             "gradio>=6.17",
+            "mteb>=2.26,<3",
             "playwright>=1.40",  # drives the system's Chromium (`apt-get install chromium`) in the browser test
             "sacrebleu>=2",  # BLEU-4 of generated captions, offline
         ],

@@ -565,15 +565,15 @@ def main(argv=None):
             unwrapped.save_pretrained(args.output_dir)
             processor.save_pretrained(args.output_dir)
         chance = {name: chance_metrics(m["clips"]) for name, m in (best or {}).get("all", {}).items()}
-        results = {"best_step": best and best["step"], "best": best and best["all"], "chance": chance,
+        sources = [s for s, on in (("Clotho", args.clotho_root), ("AudioCaps", args.audiocaps_csv),
+                                   ("WavCaps", args.wavcaps_json), ("audiofolder data", args.train_dir)) if on]
+        sources[1:1] = args.hub_dataset  # fmt: skip
+        results = {"best_step": best and best["step"], "best": best and best["all"], "chance": chance, "sources": sources,
                    "train_seconds": time.perf_counter() - started, "steps": completed_steps,
                    "skipped_clips": len(skipped) + len(failures), "feature_cache_mib": cache_mib}  # fmt: skip
         with open(os.path.join(args.output_dir, "all_results.json"), "w") as handle:
             json.dump(results, handle, indent=2)
         model_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        sources = [s for s, on in (("Clotho", args.clotho_root), ("AudioCaps", args.audiocaps_csv),
-                                   ("WavCaps", args.wavcaps_json), ("audiofolder data", args.train_dir)) if on]
-        sources[1:1] = args.hub_dataset  # fmt: skip
         training = {"preset": args.preset, "sources": sources, "steps": completed_steps,
                     "learning_rate": args.learning_rate, "total_batch_size": args.total_batch_size}  # fmt: skip
         write_model_card(args.output_dir, model_id, (best or {}).get("all", {}), training, args.push_space)

@@ -9,6 +9,7 @@
     audio-qformer --library LIB export OUT_DIR [--push_to_hub DATASET_ID]   # Parquet, one row per window
     audio-qformer --library LIB import DATASET [--model M]                  # an export (folder or Hub id), no embedding
     audio-qformer caption FILE_OR_DIR... --model MODEL [--json] [--submission_csv PATH]   # no library needed
+    audio-qformer mteb --model MODEL --tasks ClothoT2ARetrieval.v2 ESC50_Zeroshot [--output_dir DIR]  # mteb's evaluator
 
 `index --captions` also stores the model's caption of each file, which `search` and `similar` then show.
 
@@ -200,8 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help="One JSON object per file.")
     caption.add_argument("--submission_csv", metavar="PATH",
                          help="Also write the DCASE audio captioning submission: file_name,caption_predicted.")
+    evaluation = commands.add_parser("mteb", help="Evaluate a model with mteb's own evaluator on MTEB / MAEB tasks.")
+    evaluation.add_argument("--model", required=True, help="Saved model folder or Hub id.")
+    evaluation.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                            help="mteb task names, e.g. ClothoT2ARetrieval.v2 ESC50_Zeroshot.")
+    evaluation.add_argument("--output_dir", default="mteb-results",
+                            help="Where mteb writes results/<model>/<revision>/<task>.json, the results repository's layout.")
+    evaluation.add_argument("--revision", help="The model's Hub revision (default: main).")
+    evaluation.add_argument("--batch_size", type=_positive, default=8, help="Windows per forward pass (default: 8).")
     for command, run in (("index", index_command), ("export", export_command), ("import", import_command),
-                         ("search", search_command), ("similar", similar_command), ("caption", caption_command)):
+                         ("search", search_command), ("similar", similar_command), ("caption", caption_command),
+                         ("mteb", mteb_command)):
         commands.choices[command].set_defaults(func=run)
     return parser
 
@@ -321,6 +331,22 @@ def similar_command(args, parser) -> int:
     """Rank the library's files by how much they sound like a file."""
     library = AudioLibrary.open(args.library, args.model, device=_device(args.device))
     _print_hits(args.file, library.similar(args.file, args.k), args.json)
+    return 0
+
+
+def mteb_command(args, parser) -> int:
+    """Run mteb's evaluation of a model on the tasks named; print each task's main score and where the files are."""
+    try:
+        from audio_qformer.mteb_encoder import evaluate
+    except ImportError as error:
+        parser.error(f"mteb needs the mteb extra: pip install -e '.[mteb]' ({error})")
+    device = None if args.device == "auto" else _device(args.device)
+    for result in evaluate(args.model, args.tasks, args.output_dir, revision=args.revision, device=device,
+                           batch_size=args.batch_size):  # fmt: skip
+        for split, scores in result.scores.items():
+            for subset in scores:
+                print(f"{result.task_name} {split} {subset['hf_subset']}: main score {subset['main_score']:.4f}")
+    print(f"Result files: {os.path.join(args.output_dir, 'results')}")
     return 0
 
 
