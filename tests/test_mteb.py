@@ -103,3 +103,20 @@ def test_long_clips_score_as_their_best_window(saved_model):
     torch.testing.assert_close(encoder.similarity(stacked, texts), expected, atol=1e-5, rtol=0)  # audio -> text
     torch.testing.assert_close(encoder.similarity(texts, stacked), expected.T, atol=1e-5, rtol=0)  # text -> audio
     torch.testing.assert_close(encoder.similarity_pairwise(stacked, texts), expected.diagonal(), atol=1e-5, rtol=0)
+
+
+def test_sentence_transformers_loads_the_model_but_its_similarity_cannot_score_clips(saved_model):
+    """What `SentenceTransformer(path, trust_remote_code=True)` does with the model, as docs/evaluation_and_captioning.md says."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+
+    model = sentence_transformers.SentenceTransformer(saved_model, trust_remote_code=True, device="cpu")
+    clip = make_waveform(2.0, seed=4, kind="chirp")
+    audio = model.encode([{"array": clip, "sampling_rate": 16000}])
+    text = model.encode(["a rising whistle", "noise"])
+    assert audio.shape == (1, 4, 16) and text.shape == (2, 16)  # a clip is its query vectors, a text one vector
+    with pytest.raises(RuntimeError, match="self must be a matrix"):
+        model.similarity(audio, text)
+    # The model's own score of the same vectors is the mteb encoder's.
+    encoder = load_encoder(saved_model, device="cpu")
+    expected = encoder.similarity(encoder._clip_vectors({"array": clip, "sampling_rate": 16000})[None], encoder._text_vectors(["a rising whistle", "noise"]))
+    torch.testing.assert_close(encoder.similarity(audio, text), expected, atol=1e-5, rtol=0)
