@@ -194,7 +194,9 @@ def open_export(library_class, dataset, directory: str, model_name_or_path: str 
     captions = "caption" in dataset.column_names and any(c is not None for c in dataset.unique("caption"))
     encoder = {setting: _only_value(dataset, setting, name) for setting in ("beats_dtype", "fast_cpu_encoder")
                if setting in dataset.column_names}  # fmt: skip
-    library = library_class(directory, model, processor, model_name, create=True, captions=captions, **windows, **encoder)
+    # Captions only when the export has them: one without is no reason to refuse a library that stores them.
+    library = library_class(directory, model, processor, model_name, create=True, captions=captions or None, **windows,
+                            **encoder)  # fmt: skip
     lock = lock_for_indexing(library)
     try:
         with stopping_when_disk_full(directory):
