@@ -131,10 +131,10 @@ def resampled(waveform, sampling_rate: int, target: int = SAMPLING_RATE) -> np.n
     return waveform
 
 
-def audio_files(directory: str) -> list[str]:
-    """Every audio file under `directory` (recursively), sorted."""
+def audio_files(directory: str, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[str]:
+    """Every audio file (by `extensions`) under `directory` (recursively), sorted."""
     found = glob.glob(os.path.join(glob.escape(directory), "**", "*"), recursive=True)
-    return sorted(p for p in found if p.lower().endswith(AUDIO_EXTENSIONS) and os.path.isfile(p))
+    return sorted(p for p in found if p.lower().endswith(extensions) and os.path.isfile(p))
 
 
 __all__ = [

@@ -27,7 +27,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from transformers.utils import logging
 
-from audio_io import AUDIO_EXTENSIONS
+from audio_io import AUDIO_EXTENSIONS, audio_files
 from audio_qformer.identity import clip_key
 from audio_qformer.store import audio_file_for
 
@@ -190,14 +190,6 @@ def _pattern_regex(pattern: str) -> re.Pattern:
     return re.compile(regex)
 
 
-def _audio_files_under(folders: Sequence[str], extensions=AUDIOCAPS_EXTENSIONS) -> list[str]:
-    found = []
-    for folder in folders:
-        for directory, _, names in os.walk(folder):
-            found += [os.path.join(directory, n) for n in names if n.lower().endswith(extensions)]
-    return sorted(found)
-
-
 def load_audiocaps(
     csv_path: str, audio_dirs: str | Sequence[str], file_patterns: Sequence[str] = ()
 ) -> tuple[Dataset, list[dict]]:
@@ -223,7 +215,7 @@ def load_audiocaps(
         clips_of_video.setdefault(clip[0], set()).add(clip)
     patterns = list(dict.fromkeys([*file_patterns, *AUDIOCAPS_FILE_PATTERNS]))
     regexes = [_pattern_regex(p) for p in patterns]
-    files = _audio_files_under(folders)
+    files = sorted(path for folder in folders for path in audio_files(folder, AUDIOCAPS_EXTENSIONS))
     file_of_clip: dict[tuple, str] = {}
     extra_files, unmatched = 0, []
     for path in files:
@@ -319,7 +311,7 @@ def load_wavcaps(json_path: str, audio_dirs: str | Sequence[str], exclude: Seque
         raise ValueError(f"{json_path}: expected WavCaps' {{\"data\": [{{\"id\", \"caption\", ...}}]}}.")
     source = os.path.basename(os.path.dirname(os.path.abspath(json_path))) or "wavcaps"
     excluded = set().union(*(_clip_ids_in(path) for path in exclude)) if exclude else set()
-    files = {os.path.splitext(os.path.basename(p))[0]: p for p in _audio_files_under(folders)}
+    files = {os.path.splitext(os.path.basename(p))[0]: p for folder in folders for p in audio_files(folder, AUDIOCAPS_EXTENSIONS)}
     pairs, skipped = [], []
     for entry in entries:
         stem = _wavcaps_stem(str(entry["id"]))

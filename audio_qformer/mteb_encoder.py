@@ -26,7 +26,9 @@ import torch
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
 
-from audio_io import HOP_SECONDS, SAMPLING_RATE, WINDOW_SECONDS, resampled, window_starts
+from audio_io import HOP_SECONDS, WINDOW_SECONDS, resampled
+from audio_qformer.embedding import LibraryEncoder
+from audio_qformer.retrieval import embed_texts
 
 
 # The mteb tasks built on the datasets train.py can train on: a model trained on them is not zero-shot there.
@@ -41,44 +43,24 @@ class AudioQFormerEncoder(AbsEncoder):
 
     def __init__(self, model, processor, batch_size: int = 8):
         self.model, self.processor, self.batch_size = model.eval(), processor, batch_size
-        self.window = round(WINDOW_SECONDS * SAMPLING_RATE)
-        self.hop = round(HOP_SECONDS * SAMPLING_RATE)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        # Clips are cut and embedded as a sound library does it (its windows, its BEATs copy on the CPU).
+        self.audio = LibraryEncoder(self.model, processor, {"window_seconds": WINDOW_SECONDS, "hop_seconds": HOP_SECONDS})
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:
         features = inputs.dataset.features
         if "audio" in features:  # a batch of clips (mteb drops the columns of the other modality)
             clips = [self._clip_vectors(audio) for batch in inputs for audio in batch["audio"]]
             return stack_vectors(clips)
-        if "text" in features:
+        if "text" in features:  # as the project's evaluation reads a query (`retrieval.embed_texts`)
             texts = [text for batch in inputs for text in batch["text"]]
-            return self._text_vectors(texts)
+            return embed_texts(self.model, self.processor, texts, batch_size=64).numpy()
         raise ValueError(f"{task_metadata.name}: a batch with neither text nor audio ({list(features)}).")
 
-    @torch.no_grad()
-    def _text_vectors(self, texts: list[str]) -> np.ndarray:
-        # As the project's evaluation reads a query: padded, cut at the model's evaluation length.
-        out = []
-        for start in range(0, len(texts), 64):
-            tokens = self.processor(text=texts[start : start + 64], max_length=self.model.config.eval_max_text_length,
-                                    return_tensors="pt").to(self.device)  # fmt: skip
-            out.append(self.model.get_text_features(**tokens).text_embeds.float().cpu().numpy())
-        return np.concatenate(out)
-
-    @torch.no_grad()
     def _clip_vectors(self, audio: dict) -> np.ndarray:
         """One clip's query vectors over all its windows, `(windows x queries, dim)`."""
         waveform = resampled(audio["array"], int(audio["sampling_rate"]))
-        windows = [waveform[start : start + self.window] for start in window_starts(len(waveform), self.window, self.hop)]
-        embeds = []
-        for start in range(0, len(windows), self.batch_size):
-            inputs = self.processor.feature_extractor(windows[start : start + self.batch_size], sampling_rate=SAMPLING_RATE,
-                                                      return_tensors="pt").to(self.device)  # fmt: skip
-            embeds.append(self.model.get_audio_features(**inputs).audio_embeds.float().cpu())
-        return torch.cat(embeds).flatten(0, 1).numpy()
+        embeds, _ = self.audio.embed_waveforms(self.audio.windows(waveform)[1], self.batch_size)
+        return embeds.flatten(0, 1).numpy()
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         """

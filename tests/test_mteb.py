@@ -13,6 +13,7 @@ from conftest import make_waveform, tiny_qformer_config
 
 mteb = pytest.importorskip("mteb")
 from audio_qformer.mteb_encoder import load_encoder, stack_vectors  # noqa: E402
+from audio_qformer.retrieval import embed_texts  # noqa: E402
 
 
 KINDS = ["mix", "chirp", "quiet"]
@@ -96,7 +97,7 @@ def test_long_clips_score_as_their_best_window(saved_model):
     assert [len(v) for v in vectors] == [3 * 4, 4]  # 17 s: windows from 0, 5.12 and 6.76 s; 4 queries each
     stacked = stack_vectors(vectors)
     assert stacked.shape == (2, 12, 16) and (stacked[1, 4:] == stacked[1, 0]).all()
-    texts = encoder._text_vectors(["a rising whistle", "noise"])
+    texts = embed_texts(encoder.model, encoder.processor, ["a rising whistle", "noise"]).numpy()
     library = LibraryEncoder(encoder.model, encoder.processor, {"window_seconds": 10.24, "hop_seconds": 5.12})
     expected = torch.stack([encoder.model.score(library.embed_waveforms(library.windows(w)[1])[0], torch.from_numpy(texts))
                             .amax(0) for w in (long, short)])  # fmt: skip
@@ -118,5 +119,5 @@ def test_sentence_transformers_loads_the_model_but_its_similarity_cannot_score_c
         model.similarity(audio, text)
     # The model's own score of the same vectors is the mteb encoder's.
     encoder = load_encoder(saved_model, device="cpu")
-    expected = encoder.similarity(encoder._clip_vectors({"array": clip, "sampling_rate": 16000})[None], encoder._text_vectors(["a rising whistle", "noise"]))
+    expected = encoder.similarity(encoder._clip_vectors({"array": clip, "sampling_rate": 16000})[None], embed_texts(encoder.model, encoder.processor, ["a rising whistle", "noise"]).numpy())
     torch.testing.assert_close(encoder.similarity(audio, text), expected, atol=1e-5, rtol=0)
