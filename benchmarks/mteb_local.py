@@ -53,7 +53,7 @@ def main(argv=None):
         right = [classifier(load_audio(os.path.join(args.audiofolder, f)), candidate_labels=names,
                             hypothesis_template="{}")[0]["label"] == label for f, label in labels.items()]  # fmt: skip
         rows.append(("zero-shot accuracy (kind of sound)", scores["LibraryZeroShot"]["accuracy"], sum(right) / len(right)))
-    print(f"\n| measure | mteb | the project's own |\n|---|---|---|")
+    print("\n| measure | mteb | the project's own |\n|---|---|---|")
     for name, ours_mteb, ours in rows:
         print(f"| {name} | {100 * ours_mteb:.2f} | {100 * ours:.2f} |")
 
